@@ -1,0 +1,260 @@
+"""Tensor codec: torch tensors and Python scalars to and from ``gradserve.v1`` messages.
+
+Written once; the client SDK and the server both import it. The wire format is the
+one ``gradserve.proto`` documents: a dtype enum, an int64 shape and the elements as raw
+little-endian bytes in C-contiguous (logical) order. Decoding checks the byte count
+against shape x item size *before* it allocates anything, never unpickles, and never
+calls ``torch.load``. Every dtype round-trips bit-exactly (NaN payloads, +-Inf and
+-0.0 included); bfloat16 and float16 travel as 2-byte elements, never widened.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from google.protobuf import struct_pb2
+
+from gradserve.v1 import gradserve_pb2 as pb
+
+__all__ = [
+    "DTYPE_TO_WIRE",
+    "WIRE_TO_DTYPE",
+    "CodecError",
+    "TensorTooLarge",
+    "decode_maybe_tensor",
+    "decode_tensor",
+    "decode_value",
+    "encode_maybe_tensor",
+    "encode_tensor",
+    "encode_value",
+    "tensor_nbytes",
+]
+
+if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+    raise ImportError("gradserve's codec sends raw little-endian bytes and needs a little-endian host")
+
+DTYPE_TO_WIRE: dict[torch.dtype, int] = {
+    torch.bool: pb.DTYPE_BOOL,
+    torch.uint8: pb.DTYPE_UINT8,
+    torch.int8: pb.DTYPE_INT8,
+    torch.int16: pb.DTYPE_INT16,
+    torch.int32: pb.DTYPE_INT32,
+    torch.int64: pb.DTYPE_INT64,
+    torch.float16: pb.DTYPE_FLOAT16,
+    torch.bfloat16: pb.DTYPE_BFLOAT16,
+    torch.float32: pb.DTYPE_FLOAT32,
+    torch.float64: pb.DTYPE_FLOAT64,
+    torch.complex64: pb.DTYPE_COMPLEX64,
+    torch.complex128: pb.DTYPE_COMPLEX128,
+}
+WIRE_TO_DTYPE: dict[int, torch.dtype] = {v: k for k, v in DTYPE_TO_WIRE.items()}
+
+# The table must cover the proto enum exactly (all but DTYPE_UNSPECIFIED): a dtype added
+# to the contract without a codec entry fails here, at import, not on a user's request.
+_declared = {v.number for v in pb.DType.DESCRIPTOR.values if v.number != pb.DTYPE_UNSPECIFIED}
+if _declared != set(WIRE_TO_DTYPE):
+    raise ImportError(f"codec dtype table {sorted(WIRE_TO_DTYPE)} does not match gradserve.v1.DType {sorted(_declared)}")
+
+_INT64_MAX = 2**63 - 1
+
+
+class CodecError(ValueError):
+    """A message does not describe a valid tensor or value (maps to INVALID_ARGUMENT)."""
+
+
+class TensorTooLarge(CodecError):
+    """A tensor is larger than the configured limit (maps to RESOURCE_EXHAUSTED)."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def tensor_nbytes(msg: pb.Tensor, *, what: str = "tensor") -> int:
+    """Number of data bytes the tensor's dtype and shape call for, in bytes.
+
+    Raises
+    ------
+    CodecError
+        The dtype is DTYPE_UNSPECIFIED or unknown, a dimension is negative, or the
+        element count overflows int64.
+    """
+    dtype = WIRE_TO_DTYPE.get(msg.dtype)
+    if dtype is None:
+        name = "DTYPE_UNSPECIFIED" if msg.dtype == pb.DTYPE_UNSPECIFIED else f"unknown value {msg.dtype}"
+        expected = ", ".join(pb.DType.Name(v) for v in sorted(WIRE_TO_DTYPE))
+        raise CodecError(f"{what}: dtype is {name}; expected one of {expected}")
+    numel = 1
+    for dim in msg.shape:
+        if dim < 0:
+            raise CodecError(f"{what}: shape {list(msg.shape)} has a negative dimension")
+        numel *= dim  # Python ints: no overflow while we check
+    itemsize = dtype.itemsize
+    if numel * itemsize > _INT64_MAX:
+        raise CodecError(f"{what}: shape {list(msg.shape)} has {numel} elements, over the int64 limit")
+    return numel * itemsize
+
+
+def decode_tensor(msg: pb.Tensor, *, max_bytes: int | None = None, what: str = "tensor") -> torch.Tensor:
+    """Decode a ``gradserve.v1.Tensor`` into a new CPU tensor it owns.
+
+    Parameters
+    ----------
+    msg
+        The message. ``requires_grad`` is *not* applied; the caller decides.
+    max_bytes
+        Largest accepted data size in bytes; ``None`` for no limit.
+    what
+        How error messages name the tensor, e.g. ``"square argument 0"``.
+
+    Returns
+    -------
+    torch.Tensor
+        On the CPU, with ``msg``'s dtype and shape, C-contiguous, writable.
+
+    Raises
+    ------
+    CodecError
+        Unknown dtype, negative dimension, element count over int64, a byte count
+        different from shape x item size, or a bool byte other than 0 or 1.
+    TensorTooLarge
+        The tensor's size is over ``max_bytes``. Checked before allocating.
+    """
+    nbytes = tensor_nbytes(msg, what=what)
+    dtype = WIRE_TO_DTYPE[msg.dtype]
+    shape = list(msg.shape)
+    if max_bytes is not None and nbytes > max_bytes:
+        raise TensorTooLarge(
+            f"{what}: {_dtype_name(dtype)} tensor of shape {shape} is {nbytes} bytes, over the limit of {max_bytes} bytes"
+        )
+    if len(msg.data) != nbytes:
+        raise CodecError(
+            f"{what}: {_dtype_name(dtype)} tensor of shape {shape} needs {nbytes} bytes of data, got {len(msg.data)}"
+        )
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    # One copy into memory the tensor owns: the protobuf bytes are immutable and a
+    # Function may write to its inputs in place.
+    raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)
+    if dtype is torch.bool and bool((raw > 1).any()):
+        raise CodecError(f"{what}: bool tensor holds a byte other than 0 or 1")
+    return raw.view(dtype).reshape(shape)
+
+
+def encode_tensor(tensor: Any, *, requires_grad: bool | None = None) -> pb.Tensor:
+    """Encode a tensor (any device, any layout, any strides) as a ``gradserve.v1.Tensor``.
+
+    Parameters
+    ----------
+    tensor
+        A dense ``torch.Tensor`` of a supported dtype, or a numpy array (negative
+        strides allowed). Non-contiguous inputs are sent in logical order.
+    requires_grad
+        Value of the message's ``requires_grad``; defaults to ``tensor.requires_grad``.
+
+    Raises
+    ------
+    CodecError
+        Unsupported dtype (e.g. float8, quantized) or a sparse tensor.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        tensor = _from_numpy(tensor)
+    if tensor.layout != torch.strided:
+        raise CodecError(f"only dense (strided) tensors can be sent, got layout {tensor.layout}")
+    wire = DTYPE_TO_WIRE.get(tensor.dtype)
+    if wire is None:
+        raise CodecError(f"dtype {tensor.dtype} cannot be sent; supported: {', '.join(map(_dtype_name, DTYPE_TO_WIRE))}")
+    if requires_grad is None:
+        requires_grad = tensor.requires_grad
+    flat = tensor.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
+    data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return pb.Tensor(dtype=wire, shape=tensor.shape, data=data, requires_grad=requires_grad)
+
+
+def _from_numpy(array: Any) -> torch.Tensor:
+    import numpy as np  # only when a numpy array is actually sent
+
+    if not isinstance(array, np.ndarray):
+        raise CodecError(f"expected a torch.Tensor or numpy.ndarray, got {type(array).__name__}")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def encode_value(value: Any) -> pb.Value:
+    """Encode one positional argument: a tensor (or numpy array), bool, int, float, str or None.
+
+    Raises
+    ------
+    CodecError
+        Another type, or an int outside signed 64-bit.
+    """
+    if isinstance(value, bool):  # before int: bool is an int subclass
+        return pb.Value(bool_value=value)
+    if isinstance(value, int):
+        if not -(2**63) <= value <= _INT64_MAX:
+            raise CodecError(f"int argument {value} does not fit in 64 bits")
+        return pb.Value(int_value=value)
+    if isinstance(value, float):
+        return pb.Value(float_value=value)
+    if isinstance(value, str):
+        return pb.Value(string_value=value)
+    if value is None:
+        return pb.Value(null_value=struct_pb2.NULL_VALUE)
+    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
+        return pb.Value(tensor=encode_tensor(value))
+    raise CodecError(
+        f"arguments must be tensors, numpy arrays, bool, int, float, str or None; got {type(value).__name__}"
+    )
+
+
+def decode_value(msg: pb.Value, *, max_tensor_bytes: int | None = None, what: str = "argument") -> Any:
+    """Decode one positional argument; a tensor comes back as in :func:`decode_tensor`.
+
+    A tensor's ``requires_grad`` is applied, so it arrives as a CPU leaf that requires grad.
+
+    Raises
+    ------
+    CodecError
+        An empty Value, ``requires_grad`` on a tensor whose dtype is not floating
+        point or complex, and what :func:`decode_tensor` raises.
+    """
+    kind = msg.WhichOneof("kind")
+    if kind == "tensor":
+        tensor = decode_tensor(msg.tensor, max_bytes=max_tensor_bytes, what=what)
+        if msg.tensor.requires_grad:
+            if not (tensor.is_floating_point() or tensor.is_complex()):
+                raise CodecError(
+                    f"{what}: requires_grad is set on a {_dtype_name(tensor.dtype)} tensor; "
+                    "only floating point and complex tensors can require gradients"
+                )
+            tensor.requires_grad_(True)
+        return tensor
+    if kind == "null_value":
+        return None
+    if kind is None:
+        raise CodecError(f"{what}: empty Value; expected a tensor, bool, int, float, string or null")
+    return getattr(msg, kind)
+
+
+def encode_maybe_tensor(tensor: torch.Tensor | None) -> pb.MaybeTensor:
+    """Encode a gradient or grad_output; ``None`` becomes the explicit ``none``, never zeros."""
+    if tensor is None:
+        return pb.MaybeTensor(none=struct_pb2.NULL_VALUE)
+    return pb.MaybeTensor(tensor=encode_tensor(tensor, requires_grad=False))
+
+
+def decode_maybe_tensor(
+    msg: pb.MaybeTensor, *, max_bytes: int | None = None, what: str = "tensor"
+) -> torch.Tensor | None:
+    """Decode a ``MaybeTensor``: a CPU tensor, or ``None`` for ``none``.
+
+    Raises :class:`CodecError` when neither is set, and what :func:`decode_tensor` raises.
+    """
+    kind = msg.WhichOneof("kind")
+    if kind == "tensor":
+        return decode_tensor(msg.tensor, max_bytes=max_bytes, what=what)
+    if kind == "none":
+        return None
+    raise CodecError(f"{what}: empty MaybeTensor; expected a tensor or none")
+

@@ -1,0 +1,164 @@
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_BOOL: _ClassVar[DType]
+    DTYPE_UINT8: _ClassVar[DType]
+    DTYPE_INT8: _ClassVar[DType]
+    DTYPE_INT16: _ClassVar[DType]
+    DTYPE_INT32: _ClassVar[DType]
+    DTYPE_INT64: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT64: _ClassVar[DType]
+    DTYPE_COMPLEX64: _ClassVar[DType]
+    DTYPE_COMPLEX128: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+DTYPE_BOOL: DType
+DTYPE_UINT8: DType
+DTYPE_INT8: DType
+DTYPE_INT16: DType
+DTYPE_INT32: DType
+DTYPE_INT64: DType
+DTYPE_FLOAT16: DType
+DTYPE_BFLOAT16: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT64: DType
+DTYPE_COMPLEX64: DType
+DTYPE_COMPLEX128: DType
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data", "requires_grad")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    REQUIRES_GRAD_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    requires_grad: bool
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., requires_grad: _Optional[bool] = ...) -> None: ...
+
+class Value(_message.Message):
+    __slots__ = ("tensor", "bool_value", "int_value", "float_value", "string_value", "null_value")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    BOOL_VALUE_FIELD_NUMBER: _ClassVar[int]
+    INT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    FLOAT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    STRING_VALUE_FIELD_NUMBER: _ClassVar[int]
+    NULL_VALUE_FIELD_NUMBER: _ClassVar[int]
+    tensor: Tensor
+    bool_value: bool
+    int_value: int
+    float_value: float
+    string_value: str
+    null_value: _struct_pb2.NullValue
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., bool_value: _Optional[bool] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., string_value: _Optional[str] = ..., null_value: _Optional[_Union[_struct_pb2.NullValue, str]] = ...) -> None: ...
+
+class MaybeTensor(_message.Message):
+    __slots__ = ("tensor", "none")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    NONE_FIELD_NUMBER: _ClassVar[int]
+    tensor: Tensor
+    none: _struct_pb2.NullValue
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., none: _Optional[_Union[_struct_pb2.NullValue, str]] = ...) -> None: ...
+
+class ListFunctionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FunctionInfo(_message.Message):
+    __slots__ = ("name", "num_inputs", "doc", "kind", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NUM_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    DOC_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    num_inputs: int
+    doc: str
+    kind: str
+    version: str
+    def __init__(self, name: _Optional[str] = ..., num_inputs: _Optional[int] = ..., doc: _Optional[str] = ..., kind: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class ListFunctionsResponse(_message.Message):
+    __slots__ = ("functions",)
+    FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
+    functions: _containers.RepeatedCompositeFieldContainer[FunctionInfo]
+    def __init__(self, functions: _Optional[_Iterable[_Union[FunctionInfo, _Mapping]]] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("function", "args", "keep_graph")
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_GRAPH_FIELD_NUMBER: _ClassVar[int]
+    function: str
+    args: _containers.RepeatedCompositeFieldContainer[Value]
+    keep_graph: bool
+    def __init__(self, function: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., keep_graph: _Optional[bool] = ...) -> None: ...
+
+class ForwardResponse(_message.Message):
+    __slots__ = ("outputs", "returns_tuple", "handle", "handle_ttl_ms")
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    RETURNS_TUPLE_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    returns_tuple: bool
+    handle: str
+    handle_ttl_ms: int
+    def __init__(self, outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., returns_tuple: _Optional[bool] = ..., handle: _Optional[str] = ..., handle_ttl_ms: _Optional[int] = ...) -> None: ...
+
+class BackwardRequest(_message.Message):
+    __slots__ = ("function", "handle", "recompute", "grad_outputs")
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTE_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    function: str
+    handle: str
+    recompute: Arguments
+    grad_outputs: _containers.RepeatedCompositeFieldContainer[MaybeTensor]
+    def __init__(self, function: _Optional[str] = ..., handle: _Optional[str] = ..., recompute: _Optional[_Union[Arguments, _Mapping]] = ..., grad_outputs: _Optional[_Iterable[_Union[MaybeTensor, _Mapping]]] = ...) -> None: ...
+
+class Arguments(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedCompositeFieldContainer[Value]
+    def __init__(self, values: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
+
+class BackwardResponse(_message.Message):
+    __slots__ = ("grads",)
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    grads: _containers.RepeatedCompositeFieldContainer[MaybeTensor]
+    def __init__(self, grads: _Optional[_Iterable[_Union[MaybeTensor, _Mapping]]] = ...) -> None: ...
+
+class ForwardBackwardRequest(_message.Message):
+    __slots__ = ("function", "args", "grad_outputs")
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    function: str
+    args: _containers.RepeatedCompositeFieldContainer[Value]
+    grad_outputs: _containers.RepeatedCompositeFieldContainer[MaybeTensor]
+    def __init__(self, function: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., grad_outputs: _Optional[_Iterable[_Union[MaybeTensor, _Mapping]]] = ...) -> None: ...
+
+class ForwardBackwardResponse(_message.Message):
+    __slots__ = ("outputs", "returns_tuple", "grads")
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    RETURNS_TUPLE_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    returns_tuple: bool
+    grads: _containers.RepeatedCompositeFieldContainer[MaybeTensor]
+    def __init__(self, outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., returns_tuple: _Optional[bool] = ..., grads: _Optional[_Iterable[_Union[MaybeTensor, _Mapping]]] = ...) -> None: ...

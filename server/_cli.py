@@ -1,0 +1,123 @@
+"""The ``gradserve`` command: ``serve``, ``list`` and ``call``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ._config import add_serve_arguments, config_from_args
+
+__all__ = ["main"]
+
+_CALL_EPILOG = """\
+Arguments are JSON. A number or a nested list becomes a tensor of --dtype that requires
+grad (so its gradient is printed); prefix with s: for a plain scalar argument (s:3,
+s:0.5, s:true, s:"text") and use null for None. Examples:
+  gradserve call square 1.0
+  gradserve call cube_plus_square 2 3
+  gradserve call scale "[1, 2, 3]" s:0.5
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gradserve`` console script; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="gradserve", description="Gradients as a service over gRPC.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_p = commands.add_parser("serve", help="run a server", description="Run a gradserve server until SIGTERM.")
+    add_serve_arguments(serve_p)
+
+    list_p = commands.add_parser("list", help="list a server's functions")
+    _add_target(list_p)
+
+    call_p = commands.add_parser(
+        "call", help="call a function; print outputs and gradients",
+        epilog=_CALL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    call_p.add_argument("name", help="registered function name")
+    call_p.add_argument("args", nargs="*", help="arguments, JSON (see below)")
+    call_p.add_argument("--dtype", default="float32", help="dtype of tensor arguments (default: %(default)s)")
+    _add_target(call_p)
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    from gradserve.client import GradientClient, GradServeError
+
+    try:
+        with GradientClient(args.target, timeout=args.timeout_s) as client:
+            if args.command == "list":
+                return _list(client)
+            return _call(client, args.name, args.args, args.dtype)
+    except GradServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="127.0.0.1:50051", help="server address HOST:PORT (default: %(default)s)")
+    parser.add_argument("--timeout-s", type=float, default=30.0, help="deadline in seconds (default: %(default)s)")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ._server import serve
+
+    config = config_from_args(args)
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        serve(config)
+    except (ImportError, ValueError) as exc:  # bad --functions module, device, address: one clear line
+        print(f"gradserve serve: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _list(client: Any) -> int:
+    for f in client.list_functions():
+        arity = "*" if f.num_inputs is None else str(f.num_inputs)
+        print(f"{f.name:<24} inputs={arity:<3} {f.kind:<18} {f.doc}")
+    return 0
+
+
+def _parse_arg(text: str, dtype: torch.dtype) -> Any:
+    scalar = text.startswith("s:")
+    try:
+        value = json.loads(text[2:] if scalar else text)
+    except json.JSONDecodeError:
+        if scalar:
+            return text[2:]
+        raise SystemExit(f"gradserve call: argument {text!r} is not JSON (prefix s: for a plain string)")
+    if scalar or value is None or isinstance(value, (bool, str)):
+        return value
+    return torch.tensor(value, dtype=dtype, requires_grad=dtype.is_floating_point or dtype.is_complex)
+
+
+def _call(client: Any, name: str, raw_args: Sequence[str], dtype_name: str) -> int:
+    dtype = getattr(torch, dtype_name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise SystemExit(f"gradserve call: --dtype {dtype_name!r} is not a torch dtype")
+    args = [_parse_arg(a, dtype) for a in raw_args]
+    result = client.forward_backward(name, *args)
+    outputs = result.outputs if isinstance(result.outputs, tuple) else (result.outputs,)
+    for i, out in enumerate(outputs):
+        print(f"output {i}: {_show(out)}")
+    for i, grad in enumerate(result.grads):
+        print(f"grad {i}:   {'none' if grad is None else _show(grad)}")
+    return 0
+
+
+def _show(t: torch.Tensor) -> str:
+    values = t.tolist()
+    return f"{values}  ({str(t.dtype).removeprefix('torch.')}, shape {list(t.shape)})"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Server configuration: one frozen dataclass, filled from flags and GRADSERVE_* variables here only."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+
+__all__ = ["ServerConfig", "add_serve_arguments", "config_from_args"]
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of one gradserve server. Units are in the names.
+
+    Every field is a ``gradserve serve`` flag (``max_request_bytes`` ->
+    ``--max-request-bytes``) and an environment variable (``GRADSERVE_MAX_REQUEST_BYTES``);
+    a flag given on the command line wins over the variable.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    functions: tuple[str, ...] = field(default=())
+    device: str = "auto"
+    max_workers: int = 16
+    max_request_bytes: int = 256 * MiB
+    max_tensor_bytes: int = 256 * MiB
+    max_handles: int = 1024
+    handle_ttl_s: float = 300.0
+    grace_period_s: float = 30.0
+    log_level: str = "INFO"
+
+
+_HELP = {
+    "host": "address to bind; 127.0.0.1 by default, 0.0.0.0 must be asked for",
+    "port": "TCP port; 0 picks a free one (it is logged)",
+    "functions": "module that registers Functions; repeatable. Default: gradserve.server.examples",
+    "device": "auto (CUDA when present, else CPU), cpu, cuda or cuda:N",
+    "max_workers": "calls run at once (threads)",
+    "max_request_bytes": "largest request message, in bytes; larger ones get RESOURCE_EXHAUSTED",
+    "max_tensor_bytes": "largest single tensor, in bytes; checked before allocation",
+    "max_handles": "most forward graphs kept for a later backward (least recently used evicted)",
+    "handle_ttl_s": "seconds a kept forward graph lives if no backward comes",
+    "grace_period_s": "seconds in-flight calls may take to finish after SIGTERM",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+}
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per :class:`ServerConfig` field, defaulting to its GRADSERVE_* variable."""
+    for f in fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        env = "GRADSERVE_" + f.name.upper()
+        default = os.environ.get(env)
+        if f.name == "functions":
+            env_default = tuple(m for m in (default or "").replace(",", " ").split() if m)
+            parser.add_argument(flag, action="append", default=None, metavar="MODULE",
+                                help=f"{_HELP[f.name]} [env {env}, comma-separated]")
+            parser.set_defaults(_functions_env=env_default)
+            continue
+        kind = type(f.default)
+        parser.add_argument(
+            flag,
+            type=kind,
+            default=kind(default) if default is not None else f.default,
+            help=f"{_HELP[f.name]} (default: %(default)s) [env {env}]",
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """Build the config from parsed ``serve`` arguments."""
+    values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if f.name != "functions"}
+    functions = tuple(args.functions) if args.functions else args._functions_env
+    return ServerConfig(functions=functions, **values)

@@ -1,0 +1,54 @@
+"""Domain errors of the server, each carrying its gRPC status code name and ErrorInfo reason.
+
+The runtime raises these without importing grpc; the servicer turns them into a status in
+one place (``_servicer._abort``). The client turns statuses back into
+``gradserve.client.GradServeError`` subclasses in one place too.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FunctionError",
+    "FunctionNotFound",
+    "GradServeServerError",
+    "HandleNotFound",
+    "InvalidArgument",
+    "ResourceExhausted",
+]
+
+
+class GradServeServerError(Exception):
+    """Base of the errors a call can end with; ``code`` is a ``grpc.StatusCode`` name."""
+
+    code = "INTERNAL"
+    reason = "INTERNAL"
+
+
+class FunctionNotFound(GradServeServerError):
+    """No Function is registered under the requested name."""
+
+    code, reason = "NOT_FOUND", "FUNCTION_NOT_FOUND"
+
+
+class HandleNotFound(GradServeServerError):
+    """The graph handle expired, was evicted, was already used, or never existed."""
+
+    code, reason = "NOT_FOUND", "HANDLE_NOT_FOUND"
+
+
+class InvalidArgument(GradServeServerError):
+    """The request is malformed: argument count, tensor encoding, grad_outputs."""
+
+    code, reason = "INVALID_ARGUMENT", "INVALID_ARGUMENT"
+
+
+class ResourceExhausted(GradServeServerError):
+    """A tensor or request is over a configured limit, or the device ran out of memory."""
+
+    code, reason = "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED"
+
+
+class FunctionError(GradServeServerError):
+    """The registered Function's forward or backward raised, or returned something invalid."""
+
+    code, reason = "FAILED_PRECONDITION", "FUNCTION_ERROR"

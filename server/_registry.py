@@ -1,0 +1,229 @@
+"""The registry of Functions a server can run: ``@register`` and module loading."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = ["DEFAULT_MODULE", "ENTRY_POINT_GROUP", "RegisteredFunction", "Registry", "RegistrationError", "register", "registry"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODULE = "gradserve.server.examples"
+ENTRY_POINT_GROUP = "gradserve.functions"
+
+F = TypeVar("F")
+
+
+class RegistrationError(ValueError):
+    """A Function cannot be registered: duplicate name, or not a Function or callable."""
+
+
+@dataclass(frozen=True)
+class RegisteredFunction:
+    """One servable Function.
+
+    Attributes
+    ----------
+    name
+        Name callers use.
+    target
+        The ``torch.autograd.Function`` subclass or plain callable, as registered.
+    apply
+        What the runtime calls with the positional arguments: ``target.apply`` for a
+        Function subclass, ``target`` itself for a callable.
+    kind
+        ``"autograd.Function"`` or ``"callable"``.
+    num_inputs
+        Positional argument count of forward, or ``None`` when it takes ``*args``.
+    doc
+        First paragraph of the docstring.
+    version
+        Declared version, else the first 12 hex digits of the SHA-256 of the source.
+    """
+
+    name: str
+    target: Any
+    apply: Callable[..., Any] = field(repr=False)
+    kind: str
+    num_inputs: int | None
+    doc: str
+    version: str
+
+    @property
+    def origin(self) -> str:
+        """``module.qualname`` of the registered object."""
+        return f"{self.target.__module__}.{self.target.__qualname__}"
+
+
+def _is_function_class(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, torch.autograd.Function)
+
+
+def _num_inputs(obj: Any) -> int | None:
+    """Positional parameters of forward (without ``ctx``), or None for ``*args``."""
+    fn = obj.forward if _is_function_class(obj) else obj
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    # Old-style forward(ctx, ...) takes ctx first; with a setup_context override it does not.
+    uses_ctx = _is_function_class(obj) and obj.setup_context is torch.autograd.Function.setup_context
+    return len(positional) - (1 if uses_ctx else 0)
+
+
+def _version(obj: Any) -> str:
+    try:
+        source = inspect.getsource(obj)
+    except (OSError, TypeError):
+        return "unknown"
+    return hashlib.sha256(source.encode()).hexdigest()[:12]
+
+
+def _first_paragraph(obj: Any) -> str:
+    doc = inspect.getdoc(obj) or ""
+    return doc.split("\n\n", 1)[0].replace("\n", " ").strip()
+
+
+class Registry:
+    """Name -> :class:`RegisteredFunction`. Thread-safe for reads once loading is done."""
+
+    def __init__(self) -> None:
+        self._functions: dict[str, RegisteredFunction] = {}
+
+    def register(self, name: str | None = None, *, version: str | None = None) -> Callable[[F], F]:
+        """Decorator registering a ``torch.autograd.Function`` subclass or a callable.
+
+        Parameters
+        ----------
+        name
+            Name callers use; defaults to the object's ``__name__``.
+        version
+            Declared version; defaults to a hash of the source.
+
+        Raises
+        ------
+        RegistrationError
+            The name is already taken by another object, or the object is neither a
+            Function subclass nor callable.
+        """
+
+        def decorate(obj: F) -> F:
+            self.add(obj, name=name, version=version)
+            return obj
+
+        return decorate
+
+    def add(self, obj: Any, *, name: str | None = None, version: str | None = None) -> RegisteredFunction:
+        """Register ``obj`` (see :meth:`register`) and return its entry."""
+        if _is_function_class(obj):
+            kind, apply = "autograd.Function", obj.apply
+        elif callable(obj) and not isinstance(obj, type):
+            kind, apply = "callable", obj
+        else:
+            raise RegistrationError(f"cannot register {obj!r}: expected a torch.autograd.Function subclass or a callable")
+        name = name or obj.__name__
+        entry = RegisteredFunction(
+            name=name,
+            target=obj,
+            apply=apply,
+            kind=kind,
+            num_inputs=_num_inputs(obj),
+            doc=_first_paragraph(obj),
+            version=version or _version(obj),
+        )
+        existing = self._functions.get(name)
+        if existing is not None:
+            if existing.origin == entry.origin:  # the same object re-imported (importlib.reload)
+                self._functions[name] = entry
+                return entry
+            raise RegistrationError(f"function name {name!r} registered twice: by {existing.origin} and by {entry.origin}")
+        self._functions[name] = entry
+        return entry
+
+    def get(self, name: str) -> RegisteredFunction | None:
+        """The entry named ``name``, or None."""
+        return self._functions.get(name)
+
+    def __iter__(self) -> Iterator[RegisteredFunction]:
+        return iter(sorted(self._functions.values(), key=lambda f: f.name))
+
+    def __len__(self) -> int:
+        return len(self._functions)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._functions
+
+
+registry = Registry()
+"""The process-wide registry that :func:`register` fills and ``gradserve serve`` serves."""
+
+
+def register(name: str | None = None, *, version: str | None = None) -> Callable[[F], F]:
+    """Register a ``torch.autograd.Function`` subclass or a differentiable callable.
+
+    Example::
+
+        from gradserve.server import register
+
+        @register("square")
+        class Square(torch.autograd.Function):
+            ...
+
+    Parameters and errors are those of :meth:`Registry.register`; a duplicate name is an
+    error when the second module is imported (at server load time).
+    """
+    return registry.register(name, version=version)
+
+
+def load_modules(modules: Iterable[str], *, entry_points: bool = True) -> Registry:
+    """Import modules that register Functions, then the ``gradserve.functions`` entry points.
+
+    Parameters
+    ----------
+    modules
+        Dotted module names. Empty means :data:`DEFAULT_MODULE`, the built-in examples.
+    entry_points
+        Also load every entry point in the ``gradserve.functions`` group.
+
+    Returns
+    -------
+    Registry
+        The process-wide :data:`registry`.
+
+    Raises
+    ------
+    ImportError
+        A module fails to import; the message names it.
+    RegistrationError
+        Two modules register the same name.
+    """
+    names = list(modules) or [DEFAULT_MODULE]
+    for module in names:
+        try:
+            importlib.import_module(module)
+        except RegistrationError:
+            raise
+        except Exception as exc:
+            raise ImportError(f"cannot import functions module {module!r}: {type(exc).__name__}: {exc}") from exc
+    if entry_points:
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            log.info("loading functions from entry point %s = %s", ep.name, ep.value)
+            try:
+                ep.load()
+            except RegistrationError:
+                raise
+            except Exception as exc:
+                raise ImportError(f"cannot load entry point {ep.name!r} ({ep.value}): {type(exc).__name__}: {exc}") from exc
+    return registry

@@ -1,0 +1,349 @@
+"""Execution runtime: runs registered Functions' forward and backward on one device.
+
+Knows nothing of gRPC or protobuf, so it can be tested and benchmarked without a
+network. Arguments arrive as CPU tensors (leaves, ``requires_grad`` set as the caller
+asked) and Python scalars; they go to the device once. Outputs and gradients leave as
+device tensors that the caller moves to the host once (when it encodes them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._errors import FunctionError, FunctionNotFound, HandleNotFound, InvalidArgument, ResourceExhausted
+from ._registry import RegisteredFunction, Registry
+
+__all__ = ["ForwardResult", "Runtime", "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """Turn ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` into a device.
+
+    ``auto`` picks ``cuda`` when a GPU is visible, else ``cpu``.
+
+    Raises
+    ------
+    ValueError
+        Unknown spec, or CUDA asked for where none is available (never a silent CPU
+        fallback).
+    """
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type != "cpu":
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    return device
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """What a forward gives back.
+
+    Attributes
+    ----------
+    outputs
+        The Function's outputs, detached, on the server's device.
+    returns_tuple
+        Whether the Function returned a tuple rather than a bare tensor.
+    differentiable
+        Per output: whether a backward can flow through it.
+    handle
+        Key of the kept graph, or ``None``.
+    """
+
+    outputs: tuple[torch.Tensor, ...]
+    returns_tuple: bool
+    differentiable: tuple[bool, ...]
+    handle: str | None = None
+
+
+@dataclass
+class _Graph:
+    function: RegisteredFunction
+    args: list[Any]
+    outputs: tuple[torch.Tensor, ...]
+    expires_at: float
+
+
+class _HandleStore:
+    """Kept graphs by handle, bounded by count and lifetime (least recently used goes first)."""
+
+    def __init__(self, max_handles: int, ttl_s: float) -> None:
+        self.max_handles = max_handles
+        self.ttl_s = ttl_s
+        self._graphs: OrderedDict[str, _Graph] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, graph: _Graph) -> str:
+        handle = secrets.token_urlsafe(18)
+        with self._lock:
+            self._expire_locked()
+            self._graphs[handle] = graph
+            while len(self._graphs) > self.max_handles:
+                evicted, _ = self._graphs.popitem(last=False)
+                log.info("evicted graph handle %s: over --max-handles=%d", evicted[:8], self.max_handles)
+        return handle
+
+    def peek(self, handle: str) -> _Graph:
+        with self._lock:
+            self._expire_locked()
+            graph = self._graphs.get(handle)
+            if graph is None:
+                raise HandleNotFound(
+                    f"graph handle {handle[:8]!r}... is unknown, expired, evicted or already used; "
+                    "send the arguments again to recompute"
+                )
+            self._graphs.move_to_end(handle)
+            return graph
+
+    def pop(self, handle: str) -> None:
+        with self._lock:
+            self._graphs.pop(handle, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._expire_locked()
+            return len(self._graphs)
+
+    def _expire_locked(self) -> None:
+        now = time.monotonic()
+        expired = [h for h, g in self._graphs.items() if g.expires_at <= now]
+        for h in expired:
+            del self._graphs[h]
+
+
+class Runtime:
+    """Runs registered Functions on one device. Thread-safe; many calls may run at once.
+
+    Parameters
+    ----------
+    registry
+        Functions to serve.
+    device
+        Where forward and backward run.
+    max_handles
+        Most graphs kept for a later backward; the least recently used is evicted.
+    handle_ttl_s
+        Seconds a kept graph lives if no backward comes.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        device: torch.device | str = "cpu",
+        *,
+        max_handles: int = 1024,
+        handle_ttl_s: float = 300.0,
+    ) -> None:
+        self.registry = registry
+        self.device = torch.device(device)
+        self.handles = _HandleStore(max_handles, handle_ttl_s)
+
+    # -- public operations -------------------------------------------------------------
+
+    def function(self, name: str) -> RegisteredFunction:
+        """The registered Function ``name``; raises :class:`FunctionNotFound`."""
+        entry = self.registry.get(name)
+        if entry is None:
+            known = ", ".join(f.name for f in self.registry) or "none"
+            raise FunctionNotFound(f"no function named {name!r}; this server serves: {known}")
+        return entry
+
+    def forward(self, name: str, args: Sequence[Any], *, keep_graph: bool = False) -> ForwardResult:
+        """Run forward under autograd.
+
+        Parameters
+        ----------
+        name
+            Registered Function name.
+        args
+            Positional arguments: CPU tensors (``requires_grad`` as the caller wants
+            gradients) and Python scalars.
+        keep_graph
+            Keep the graph and return a handle for :meth:`backward`.
+
+        Raises
+        ------
+        FunctionNotFound, InvalidArgument, FunctionError, ResourceExhausted
+        """
+        entry = self.function(name)
+        dev_args = self._prepare(entry, args)
+        outputs = self._run_forward(entry, dev_args)
+        result = self._result(outputs)
+        if keep_graph and any(result.differentiable):
+            graph = _Graph(entry, dev_args, outputs[0], time.monotonic() + self.handles.ttl_s)
+            return dataclasses.replace(result, handle=self.handles.put(graph))
+        return result
+
+    def backward(
+        self,
+        name: str,
+        *,
+        handle: str | None = None,
+        args: Sequence[Any] | None = None,
+        grad_outputs: Sequence[torch.Tensor | None] | None = None,
+    ) -> list[torch.Tensor | None]:
+        """Vector-Jacobian product of a forward's outputs with ``grad_outputs``.
+
+        The graph comes from ``handle`` (released once the backward succeeds) or is
+        recomputed from ``args``; the gradients are identical either way.
+
+        Parameters
+        ----------
+        grad_outputs
+            One CPU tensor or None per output, shaped and typed like it; ``None`` (the
+            whole sequence) means ones for every differentiable output.
+
+        Returns
+        -------
+        list
+            One entry per argument: its gradient on the device, or None where the
+            argument is not a tensor requiring grad or the Function gave no gradient.
+
+        Raises
+        ------
+        HandleNotFound, FunctionNotFound, InvalidArgument, FunctionError, ResourceExhausted
+        """
+        if (handle is None) == (args is None):
+            raise InvalidArgument("backward needs either a graph handle or the arguments to recompute, not both")
+        if handle is not None:
+            graph = self.handles.peek(handle)
+            if graph.function.name != name:
+                raise InvalidArgument(f"handle belongs to function {graph.function.name!r}, not {name!r}")
+            grads = self._vjp(graph.function, graph.args, graph.outputs, grad_outputs)
+            self.handles.pop(handle)
+            return grads
+        entry = self.function(name)
+        dev_args = self._prepare(entry, args or ())
+        outputs, _ = self._run_forward(entry, dev_args)
+        return self._vjp(entry, dev_args, outputs, grad_outputs)
+
+    def forward_backward(
+        self, name: str, args: Sequence[Any], grad_outputs: Sequence[torch.Tensor | None] | None = None
+    ) -> tuple[ForwardResult, list[torch.Tensor | None]]:
+        """Forward, then backward on the same graph; nothing is kept. Errors as both."""
+        entry = self.function(name)
+        dev_args = self._prepare(entry, args)
+        outputs = self._run_forward(entry, dev_args)
+        return self._result(outputs), self._vjp(entry, dev_args, outputs[0], grad_outputs)
+
+    # -- steps -------------------------------------------------------------------------
+
+    def _prepare(self, entry: RegisteredFunction, args: Sequence[Any]) -> list[Any]:
+        if entry.num_inputs is not None and len(args) != entry.num_inputs:
+            raise InvalidArgument(
+                f"{entry.name} takes {entry.num_inputs} argument{'s' * (entry.num_inputs != 1)}, got {len(args)}"
+            )
+        # Each tensor crosses to the device once and becomes a leaf there.
+        return [
+            a.detach().to(self.device).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+            for a in args
+        ]
+
+    def _run_forward(self, entry: RegisteredFunction, dev_args: list[Any]) -> tuple[tuple[torch.Tensor, ...], bool]:
+        needs_grad = any(isinstance(a, torch.Tensor) and a.requires_grad for a in dev_args)
+        with self._guard(entry, "forward"), torch.set_grad_enabled(needs_grad):
+            out = entry.apply(*dev_args)
+        if isinstance(out, torch.Tensor):
+            return (out,), False
+        if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
+            return tuple(out), True
+        got = type(out).__name__ if not isinstance(out, (tuple, list)) else f"{type(out).__name__} of {[type(o).__name__ for o in out]}"
+        raise FunctionError(f"{entry.name} forward returned {got}; expected a tensor or a non-empty tuple of tensors")
+
+    @staticmethod
+    def _result(outputs: tuple[tuple[torch.Tensor, ...], bool]) -> ForwardResult:
+        tensors, returns_tuple = outputs
+        return ForwardResult(
+            outputs=tuple(t.detach() for t in tensors),
+            returns_tuple=returns_tuple,
+            differentiable=tuple(t.requires_grad for t in tensors),
+        )
+
+    def _vjp(
+        self,
+        entry: RegisteredFunction,
+        dev_args: list[Any],
+        outputs: tuple[torch.Tensor, ...],
+        grad_outputs: Sequence[torch.Tensor | None] | None,
+    ) -> list[torch.Tensor | None]:
+        cotangents = self._check_grad_outputs(entry, outputs, grad_outputs)
+        pairs = [(o, g) for o, g in zip(outputs, cotangents) if g is not None and o.requires_grad]
+        wanted = [i for i, a in enumerate(dev_args) if isinstance(a, torch.Tensor) and a.requires_grad]
+        grads: list[torch.Tensor | None] = [None] * len(dev_args)
+        if not pairs or not wanted:
+            return grads
+        with self._guard(entry, "backward"):
+            computed = torch.autograd.grad(
+                [o for o, _ in pairs],
+                [dev_args[i] for i in wanted],
+                [g for _, g in pairs],
+                allow_unused=True,
+            )
+        for i, g in zip(wanted, computed):
+            grads[i] = g
+        return grads
+
+    def _check_grad_outputs(
+        self,
+        entry: RegisteredFunction,
+        outputs: tuple[torch.Tensor, ...],
+        grad_outputs: Sequence[torch.Tensor | None] | None,
+    ) -> list[torch.Tensor | None]:
+        if grad_outputs is None or len(grad_outputs) == 0:
+            return [torch.ones_like(o) if o.requires_grad else None for o in outputs]
+        if len(grad_outputs) != len(outputs):
+            raise InvalidArgument(
+                f"{entry.name} returned {len(outputs)} output(s), got {len(grad_outputs)} grad_outputs"
+            )
+        checked: list[torch.Tensor | None] = []
+        for i, (o, g) in enumerate(zip(outputs, grad_outputs)):
+            if g is None:
+                checked.append(None)
+                continue
+            if not o.requires_grad:
+                raise InvalidArgument(
+                    f"{entry.name} output {i} ({str(o.dtype).removeprefix('torch.')}) is not differentiable; "
+                    "send none as its grad_output"
+                )
+            if g.shape != o.shape or g.dtype != o.dtype:
+                raise InvalidArgument(
+                    f"{entry.name} grad_outputs[{i}]: expected {str(o.dtype).removeprefix('torch.')} "
+                    f"of shape {list(o.shape)}, got {str(g.dtype).removeprefix('torch.')} of shape {list(g.shape)}"
+                )
+            checked.append(g.to(self.device))
+        return checked
+
+    @contextlib.contextmanager
+    def _guard(self, entry: RegisteredFunction, phase: str) -> Iterator[None]:
+        """Turn what a user's forward or backward raises into FunctionError / ResourceExhausted."""
+        try:
+            yield
+        except torch.OutOfMemoryError as exc:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise ResourceExhausted(f"{entry.name} {phase}: device {self.device} out of memory: {exc}") from exc
+        except Exception as exc:
+            log.warning("%s %s raised", entry.name, phase, exc_info=exc)
+            raise FunctionError(f"{entry.name} {phase} raised {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,162 @@
+"""gRPC servicer: translates between protobuf messages and the runtime. No math here.
+
+Domain errors become status codes in one place, :func:`_rpc`; anything unexpected is
+INTERNAL, with the traceback only in the server log.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from gradserve.client import codec
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+
+from ._errors import GradServeServerError
+from ._runtime import ForwardResult, Runtime
+
+__all__ = ["ERROR_DOMAIN", "GradientServicer"]
+
+log = logging.getLogger("gradserve.calls")
+
+ERROR_DOMAIN = "gradserve.dev"
+
+R = TypeVar("R")
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, reason: str, message: str) -> None:
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
+    status = status_pb2.Status(code=code.value[0], message=message, details=[info])
+    context.abort_with_status(rpc_status.to_status(status))
+
+
+def _classify(exc: Exception) -> tuple[grpc.StatusCode, str, str]:
+    """(status code, ErrorInfo reason, message) for an exception raised while serving."""
+    if isinstance(exc, GradServeServerError):
+        return grpc.StatusCode[exc.code], exc.reason, str(exc)
+    if isinstance(exc, codec.TensorTooLarge):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "TENSOR_TOO_LARGE", str(exc)
+    if isinstance(exc, codec.CodecError):
+        return grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", str(exc)
+    return grpc.StatusCode.INTERNAL, "INTERNAL", ""
+
+
+def _rpc(method: Callable[[Any, Any, grpc.ServicerContext], R]) -> Callable[[Any, Any, grpc.ServicerContext], R]:
+    """Run one RPC: log it, and turn exceptions into a status with an ErrorInfo detail."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> R:
+        request_id = uuid.uuid4().hex[:12]
+        function = getattr(request, "function", "")
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            code, reason, message = _classify(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("request %s: internal error in %s(%s)", request_id, method.__name__, function)
+                message = f"internal server error (request id {request_id}; details in the server log)"
+            _abort(context, code, reason, message)
+            raise  # unreachable: abort raises
+        finally:
+            log.info(
+                "request=%s method=%s function=%s code=%s duration_ms=%.2f",
+                request_id, method.__name__, function, code.name, 1e3 * (time.perf_counter() - start),
+            )
+
+    return wrapper
+
+
+class GradientServicer(pb_grpc.GradientServiceServicer):
+    """``gradserve.v1.GradientService`` over a :class:`Runtime`.
+
+    Parameters
+    ----------
+    runtime
+        Executes the Functions.
+    max_tensor_bytes
+        Largest single tensor accepted, in bytes (RESOURCE_EXHAUSTED above it).
+    """
+
+    def __init__(self, runtime: Runtime, *, max_tensor_bytes: int | None = None) -> None:
+        self.runtime = runtime
+        self.max_tensor_bytes = max_tensor_bytes
+
+    @_rpc
+    def ListFunctions(self, request: pb.ListFunctionsRequest, context: grpc.ServicerContext) -> pb.ListFunctionsResponse:
+        return pb.ListFunctionsResponse(
+            functions=[
+                pb.FunctionInfo(name=f.name, num_inputs=f.num_inputs, doc=f.doc, kind=f.kind, version=f.version)
+                for f in self.runtime.registry
+            ]
+        )
+
+    @_rpc
+    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
+        self.runtime.function(request.function)  # NOT_FOUND before decoding any tensor
+        args = self._decode_args(request.function, request.args)
+        result = self.runtime.forward(request.function, args, keep_graph=request.keep_graph)
+        return pb.ForwardResponse(
+            outputs=_encode_outputs(result),
+            returns_tuple=result.returns_tuple,
+            handle=result.handle or "",
+            handle_ttl_ms=int(self.runtime.handles.ttl_s * 1000) if result.handle else 0,
+        )
+
+    @_rpc
+    def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext) -> pb.BackwardResponse:
+        self.runtime.function(request.function)
+        grad_outputs = self._decode_grad_outputs(request.function, request.grad_outputs)
+        source = request.WhichOneof("graph")
+        if source == "handle":
+            grads = self.runtime.backward(request.function, handle=request.handle, grad_outputs=grad_outputs)
+        elif source == "recompute":
+            args = self._decode_args(request.function, request.recompute.values)
+            grads = self.runtime.backward(request.function, args=args, grad_outputs=grad_outputs)
+        else:
+            raise codec.CodecError(f"{request.function} backward: set either handle or recompute")
+        return pb.BackwardResponse(grads=[codec.encode_maybe_tensor(g) for g in grads])
+
+    @_rpc
+    def ForwardBackward(
+        self, request: pb.ForwardBackwardRequest, context: grpc.ServicerContext
+    ) -> pb.ForwardBackwardResponse:
+        self.runtime.function(request.function)
+        args = self._decode_args(request.function, request.args)
+        grad_outputs = self._decode_grad_outputs(request.function, request.grad_outputs)
+        result, grads = self.runtime.forward_backward(request.function, args, grad_outputs)
+        return pb.ForwardBackwardResponse(
+            outputs=_encode_outputs(result),
+            returns_tuple=result.returns_tuple,
+            grads=[codec.encode_maybe_tensor(g) for g in grads],
+        )
+
+    def _decode_args(self, function: str, values: Any) -> list[Any]:
+        return [
+            codec.decode_value(v, max_tensor_bytes=self.max_tensor_bytes, what=f"{function} argument {i}")
+            for i, v in enumerate(values)
+        ]
+
+    def _decode_grad_outputs(self, function: str, values: Any) -> list[Any] | None:
+        if not values:
+            return None
+        return [
+            codec.decode_maybe_tensor(v, max_bytes=self.max_tensor_bytes, what=f"{function} grad_outputs[{i}]")
+            for i, v in enumerate(values)
+        ]
+
+
+def _encode_outputs(result: ForwardResult) -> list[pb.Tensor]:
+    return [codec.encode_tensor(o, requires_grad=d) for o, d in zip(result.outputs, result.differentiable)]
