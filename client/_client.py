@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,31 @@ from ._errors import HandleNotFoundError, from_rpc_error
 __all__ = ["ForwardBackwardResult", "FunctionInfo", "GradientClient"]
 
 Outputs = torch.Tensor | tuple[torch.Tensor, ...]
+
+# A server restarting (a rolling update, a crash) is UNAVAILABLE for a moment: retry
+# then, with gRPC's own retry policy, and reconnect quickly. Limits on sizes are the
+# server's to enforce, so the client sets none of its own.
+_SERVICE_CONFIG = {
+    "methodConfig": [
+        {
+            "name": [{"service": "gradserve.v1.GradientService"}],
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+_DEFAULT_OPTIONS: dict[str, Any] = {
+    "grpc.max_receive_message_length": -1,
+    "grpc.max_send_message_length": -1,
+    "grpc.service_config": json.dumps(_SERVICE_CONFIG),
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 2000,
+}
 
 
 @dataclass(frozen=True)
@@ -85,7 +111,9 @@ class GradientClient:
         Use this channel instead of opening an insecure one to ``target``; the client
         does not close a channel it did not open.
     options
-        Extra gRPC channel options, as ``(name, value)`` pairs.
+        Extra gRPC channel options, as ``(name, value)`` pairs; they override the
+        defaults (no client-side size limit, retry on UNAVAILABLE up to 5 attempts
+        with 0.1-2 s backoff, reconnect backoff 0.1-2 s).
 
     Tensors may come on any device and in any supported dtype; outputs come back on
     the device of the first tensor argument (CPU when there is none) and gradients on
@@ -108,10 +136,7 @@ class GradientClient:
         self.target = target
         self.timeout = timeout
         self._owns_channel = channel is None
-        self._channel = channel or grpc.insecure_channel(
-            target,
-            options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1), *options],
-        )
+        self._channel = channel or grpc.insecure_channel(target, options=list((_DEFAULT_OPTIONS | dict(options)).items()))
         self._stub = pb_grpc.GradientServiceStub(self._channel)
 
     def close(self) -> None:

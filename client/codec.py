@@ -169,6 +169,8 @@ def encode_tensor(tensor: Any, *, requires_grad: bool | None = None) -> pb.Tenso
     if requires_grad is None:
         requires_grad = tensor.requires_grad
     flat = tensor.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
+    if flat.numel() and flat.stride(0) != 1:  # size-1 dims count as contiguous at any stride
+        flat = flat.clone(memory_format=torch.contiguous_format)
     data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
     return pb.Tensor(dtype=wire, shape=tensor.shape, data=data, requires_grad=requires_grad)
 

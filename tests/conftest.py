@@ -1,0 +1,93 @@
+"""Shared fixtures: an in-process server on 127.0.0.1:<ephemeral>, torn down after the module."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+import gradserve.server.examples  # noqa: F401  (registers the examples)
+import gradserve_test_functions  # noqa: F401  (registers the test Functions)
+from gradserve.client import GradientClient
+from gradserve.server import RunningServer, ServerConfig, create_server, registry
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RunningServer]:
+    running = create_server(ServerConfig(port=0, device="cpu", max_workers=8), registry)
+    yield running
+    running.stop(0)
+
+
+@pytest.fixture(scope="module")
+def client(server: RunningServer) -> Iterator[GradientClient]:
+    with GradientClient(f"127.0.0.1:{server.port}", timeout=30) as c:
+        yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``gradserve serve`` as a real subprocess on a free loopback port."""
+
+    def __init__(self, *extra: str, port: int | None = None) -> None:
+        self.port = port or free_port()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gradserve.server._cli", "serve", "--port", str(self.port), "--device", "cpu", *extra],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.target = f"127.0.0.1:{self.port}"
+        self._wait_ready(timeout_s=60)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        channel = grpc.insecure_channel(self.target)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            self.kill()
+            raise RuntimeError(f"server did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
+        finally:
+            channel.close()
+
+    def terminate(self, timeout_s: float = 30) -> int:
+        self.proc.terminate()
+        return self.proc.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.01) -> bool:
+    """Poll ``predicate`` until true or the timeout passes; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return bool(predicate())
