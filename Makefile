@@ -1,0 +1,31 @@
+# gradserve developer commands. Needs only Python 3.11 with pip (and venv).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv demo test serve protos clean
+
+venv: $(STAMP)
+
+# Dev/CI install: constraints.txt pins the CPU torch wheel and the stub generators.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## start a server, run the seed examples and the digits example, stop the server
+	$(PY) scripts/demo.py
+
+test: $(STAMP)  ## the whole suite
+	$(PY) -m pytest -q
+
+serve: $(STAMP)  ## serve the built-in examples on 127.0.0.1:50051 (Ctrl-C to stop)
+	$(VENV)/bin/gradserve serve
+
+protos: $(STAMP)  ## regenerate the stubs after editing protos/gradserve/v1/gradserve.proto
+	$(PY) scripts/gen_protos.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,99 @@
+"""``gradserve`` as a user runs it: a subprocess server, list/call, SIGTERM drain, restart mid-graph."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import TESTS, ServerProcess, free_port, wait_until
+from gradserve.client import GradientClient, UnavailableError
+
+
+def cli(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(TESTS))
+    return subprocess.run(
+        [sys.executable, "-m", "gradserve.server._cli", *args], capture_output=True, text=True, timeout=timeout_s, env=env
+    )
+
+
+@pytest.fixture(scope="module")
+def proc() -> ServerProcess:
+    with ServerProcess("--functions", "gradserve.server.examples", "--functions", "gradserve_test_functions") as p:
+        yield p
+
+
+def test_list_and_call(proc: ServerProcess) -> None:
+    listed = cli("list", "--target", proc.target)
+    assert listed.returncode == 0, listed.stderr
+    assert "cube_plus_square" in listed.stdout and "slow_square" in listed.stdout
+    called = cli("call", "cube_plus_square", "2", "3", "--target", proc.target)
+    assert called.returncode == 0, called.stderr
+    assert "output 0: 17.0" in called.stdout and "grad 0:   12.0" in called.stdout and "grad 1:   6.0" in called.stdout
+    scaled = cli("call", "scale", "[1, 2]", "s:0.5", "--target", proc.target)
+    assert "output 0: [0.5, 1.0]" in scaled.stdout and "grad 1:   none" in scaled.stdout
+
+
+def test_call_errors_exit_nonzero_with_the_message(proc: ServerProcess) -> None:
+    missing = cli("call", "nope", "1", "--target", proc.target)
+    assert missing.returncode == 1 and "NOT_FOUND: no function named 'nope'" in missing.stderr
+
+
+def test_client_sdk_against_the_subprocess(proc: ServerProcess) -> None:
+    with GradientClient(proc.target, timeout=30) as client:
+        x = torch.tensor(1.0, requires_grad=True)
+        y = client.function("square")(x)
+        y.backward()
+        assert (y.item(), x.grad.item()) == (1.0, 2.0)
+
+
+def test_bad_functions_module_stops_startup_with_one_line() -> None:
+    result = cli("serve", "--port", str(free_port()), "--functions", "no_such_module_xyz", timeout_s=60)
+    assert result.returncode == 2
+    assert "cannot import functions module 'no_such_module_xyz'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sigterm_drains_in_flight_calls() -> None:
+    with ServerProcess("--functions", "gradserve_test_functions", "--grace-period-s", "20") as p:
+        results: list[object] = []
+        with GradientClient(p.target, timeout=30) as client:
+            call = threading.Thread(target=lambda: results.append(client.forward("slow_square", torch.tensor([3.0]), 1.5)))
+            call.start()
+            time.sleep(0.5)  # let the call reach the server; there is no hook to observe it sooner
+            p.proc.send_signal(signal.SIGTERM)
+            call.join(timeout=30)
+            assert p.proc.wait(timeout=30) == 0
+            assert [r.tolist() for r in results] == [[9.0]]  # the in-flight call finished
+            with pytest.raises(UnavailableError):
+                client.forward("square", torch.tensor([1.0]), timeout=2)
+
+
+def test_backward_after_server_restart_recomputes() -> None:
+    port = free_port()
+    first = ServerProcess(port=port)
+    with GradientClient(first.target, timeout=30) as client:
+        x = torch.tensor([1.0, -2.0], requires_grad=True)
+        w = torch.tensor([[0.5, 1.0], [2.0, -1.0], [1.0, 1.0]], requires_grad=True)
+        y = client.function("linear")(x[None], w, None)
+        first.terminate()
+        with ServerProcess(port=port):  # a fresh server: the forward's graph is gone
+            assert wait_until(lambda: _ready(client), timeout_s=30)
+            (y ** 2).sum().backward()
+    upstream = 2 * (x.detach()[None] @ w.detach().T)
+    torch.testing.assert_close(w.grad, upstream.T @ x.detach()[None])
+    torch.testing.assert_close(x.grad, (upstream @ w.detach())[0])
+
+
+def _ready(client: GradientClient) -> bool:
+    try:
+        client.list_functions(timeout=2)
+        return True
+    except UnavailableError:
+        return False
