@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from ._checks import contract_checked
+
 __all__ = ["DEFAULT_MODULE", "ENTRY_POINT_GROUP", "RegisteredFunction", "Registry", "RegistrationError", "register", "registry"]
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,14 @@ class RegisteredFunction:
         First paragraph of the docstring.
     version
         Declared version, else the first 12 hex digits of the SHA-256 of the source.
+    sample_inputs
+        Callable returning a tuple of float64 arguments for ``gradserve check``; None
+        means the elementwise default (see ``_checks.default_sample_inputs``).
+    double_backward
+        Whether the Function supports double backward (gradgradcheck is run).
+    gradcheck
+        False for Functions whose gradient is deliberately not the derivative (a
+        straight-through estimator, say); ``skip_reason`` says why.
     """
 
     name: str
@@ -57,6 +67,10 @@ class RegisteredFunction:
     num_inputs: int | None
     doc: str
     version: str
+    sample_inputs: Callable[[], tuple[Any, ...]] | None = field(default=None, repr=False)
+    double_backward: bool = False
+    gradcheck: bool = True
+    skip_reason: str = ""
 
     @property
     def origin(self) -> str:
@@ -102,15 +116,16 @@ class Registry:
     def __init__(self) -> None:
         self._functions: dict[str, RegisteredFunction] = {}
 
-    def register(self, name: str | None = None, *, version: str | None = None) -> Callable[[F], F]:
+    def register(self, name: str | None = None, **options: Any) -> Callable[[F], F]:
         """Decorator registering a ``torch.autograd.Function`` subclass or a callable.
 
         Parameters
         ----------
         name
             Name callers use; defaults to the object's ``__name__``.
-        version
-            Declared version; defaults to a hash of the source.
+        **options
+            ``version``, ``sample_inputs``, ``double_backward``, ``gradcheck``,
+            ``skip_reason``: see :class:`RegisteredFunction`.
 
         Raises
         ------
@@ -120,20 +135,24 @@ class Registry:
         """
 
         def decorate(obj: F) -> F:
-            self.add(obj, name=name, version=version)
+            self.add(obj, name=name, **options)
             return obj
 
         return decorate
 
-    def add(self, obj: Any, *, name: str | None = None, version: str | None = None) -> RegisteredFunction:
-        """Register ``obj`` (see :meth:`register`) and return its entry."""
+    def add(self, obj: Any, *, name: str | None = None, version: str | None = None, **options: Any) -> RegisteredFunction:
+        """Register ``obj`` (see :meth:`register`) and return its entry.
+
+        A Function subclass is served through :func:`_checks.contract_checked`, so what
+        its backward returns is checked on every call; ``obj`` itself is unchanged.
+        """
+        name = name or getattr(obj, "__name__", "")
         if _is_function_class(obj):
-            kind, apply = "autograd.Function", obj.apply
+            kind, apply = "autograd.Function", contract_checked(obj, name).apply
         elif callable(obj) and not isinstance(obj, type):
             kind, apply = "callable", obj
         else:
             raise RegistrationError(f"cannot register {obj!r}: expected a torch.autograd.Function subclass or a callable")
-        name = name or obj.__name__
         entry = RegisteredFunction(
             name=name,
             target=obj,
@@ -142,6 +161,7 @@ class Registry:
             num_inputs=_num_inputs(obj),
             doc=_first_paragraph(obj),
             version=version or _version(obj),
+            **options,
         )
         existing = self._functions.get(name)
         if existing is not None:
@@ -170,21 +190,23 @@ registry = Registry()
 """The process-wide registry that :func:`register` fills and ``gradserve serve`` serves."""
 
 
-def register(name: str | None = None, *, version: str | None = None) -> Callable[[F], F]:
+def register(name: str | None = None, **options: Any) -> Callable[[F], F]:
     """Register a ``torch.autograd.Function`` subclass or a differentiable callable.
 
     Example::
 
         from gradserve.server import register
 
-        @register("square")
+        @register("square", sample_inputs=lambda: (torch.rand(3, dtype=torch.float64, requires_grad=True),))
         class Square(torch.autograd.Function):
             ...
 
     Parameters and errors are those of :meth:`Registry.register`; a duplicate name is an
-    error when the second module is imported (at server load time).
+    error when the second module is imported (at server load time). ``options``:
+    ``version``, ``sample_inputs``, ``double_backward``, ``gradcheck``, ``skip_reason``
+    (see :class:`RegisteredFunction`).
     """
-    return registry.register(name, version=version)
+    return registry.register(name, **options)
 
 
 def load_modules(modules: Iterable[str], *, entry_points: bool = True) -> Registry:

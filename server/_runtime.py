@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ._checks import BackwardContractError
 from ._errors import FunctionError, FunctionNotFound, HandleNotFound, InvalidArgument, ResourceExhausted
 from ._registry import RegisteredFunction, Registry
 
@@ -340,10 +341,20 @@ class Runtime:
         """Turn what a user's forward or backward raises into FunctionError / ResourceExhausted."""
         try:
             yield
-        except torch.OutOfMemoryError as exc:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            raise ResourceExhausted(f"{entry.name} {phase}: device {self.device} out of memory: {exc}") from exc
+        except BackwardContractError as exc:
+            log.warning("%s", exc)
+            raise FunctionError(str(exc)) from exc
         except Exception as exc:
+            if _is_out_of_memory(exc):
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                raise ResourceExhausted(f"{entry.name} {phase}: out of memory on {self.device}: {exc}") from exc
             log.warning("%s %s raised", entry.name, phase, exc_info=exc)
             raise FunctionError(f"{entry.name} {phase} raised {type(exc).__name__}: {exc}") from exc
+
+
+def _is_out_of_memory(exc: Exception) -> bool:
+    # CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError saying so.
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )

@@ -124,7 +124,7 @@ def test_errors_name_the_function(runtime: Runtime) -> None:
 
 
 def test_article_backward_with_one_gradient_for_two_inputs_is_an_error(runtime: Runtime) -> None:
-    with pytest.raises(FunctionError, match=r"article_cube_plus_square backward raised .*incorrect number of gradients"):
+    with pytest.raises(FunctionError, match="article_cube_plus_square backward returned 1 gradient for 2 inputs"):
         runtime.forward_backward("article_cube_plus_square", [leaf(2.0), leaf(3.0)])
     assert runtime.forward_backward("square", [leaf(1.0)])[1][0].item() == 2.0  # still serving
 
