@@ -62,6 +62,8 @@ class FunctionInfo:
         ``"autograd.Function"`` or ``"callable"``.
     version : str
         Version of its code on the server.
+    unavailable_reason : str
+        Empty when served; else why not (e.g. it failed the server's start-up gradcheck).
     """
 
     name: str
@@ -69,6 +71,7 @@ class FunctionInfo:
     doc: str
     kind: str
     version: str
+    unavailable_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,7 @@ class GradientClient:
                 doc=f.doc,
                 kind=f.kind,
                 version=f.version,
+                unavailable_reason=f.unavailable_reason,
             )
             for f in response.functions
         ]

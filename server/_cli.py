@@ -33,6 +33,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve_p = commands.add_parser("serve", help="run a server", description="Run a gradserve server until SIGTERM.")
     add_serve_arguments(serve_p)
 
+    check_p = commands.add_parser(
+        "check", help="gradcheck registered functions in float64",
+        description="Run torch.autograd.gradcheck (and gradgradcheck where a Function declares double "
+        "backward) in float64 on each Function's sample inputs. Exits 1 if any fails.",
+    )
+    check_p.add_argument("--functions", action="append", default=[], metavar="MODULE",
+                         help="module that registers Functions; repeatable (default: gradserve.server.examples)")
+
     list_p = commands.add_parser("list", help="list a server's functions")
     _add_target(list_p)
 
@@ -48,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "check":
+        return _check(args.functions)
     from gradserve.client import GradientClient, GradServeError
 
     try:
@@ -80,10 +90,27 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(modules: Sequence[str]) -> int:
+    from ._checks import check_function, format_table
+    from ._registry import load_modules
+
+    try:
+        registry = load_modules(modules)
+    except ImportError as exc:
+        print(f"gradserve check: error: {exc}", file=sys.stderr)
+        return 2
+    results = [check_function(f) for f in registry]
+    print(format_table(results))
+    failed = [r.name for r in results if not r.ok]
+    print(f"\n{len(results) - len(failed)} of {len(results)} passed" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
 def _list(client: Any) -> int:
     for f in client.list_functions():
         arity = "*" if f.num_inputs is None else str(f.num_inputs)
-        print(f"{f.name:<24} inputs={arity:<3} {f.kind:<18} {f.doc}")
+        status = f"  [unavailable: {f.unavailable_reason}]" if f.unavailable_reason else ""
+        print(f"{f.name:<24} inputs={arity:<3} {f.kind:<18} {f.doc}{status}")
     return 0
 
 

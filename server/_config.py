@@ -30,6 +30,8 @@ class ServerConfig:
     max_handles: int = 1024
     handle_ttl_s: float = 300.0
     grace_period_s: float = 30.0
+    check: bool = False
+    check_finite: bool = False
     log_level: str = "INFO"
 
 
@@ -44,6 +46,8 @@ _HELP = {
     "max_handles": "most forward graphs kept for a later backward (least recently used evicted)",
     "handle_ttl_s": "seconds a kept forward graph lives if no backward comes",
     "grace_period_s": "seconds in-flight calls may take to finish after SIGTERM",
+    "check": "gradcheck every Function at start-up; failing ones are listed as unavailable, not served",
+    "check_finite": "fail calls whose outputs or gradients hold NaN or Inf (FAILED_PRECONDITION)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
 
@@ -61,12 +65,29 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             parser.set_defaults(_functions_env=env_default)
             continue
         kind = type(f.default)
+        if kind is bool:
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=_parse_bool(env, default) if default is not None else f.default,
+                help=f"{_HELP[f.name]} (default: %(default)s) [env {env}=1|0]",
+            )
+            continue
         parser.add_argument(
             flag,
             type=kind,
             default=kind(default) if default is not None else f.default,
             help=f"{_HELP[f.name]} (default: %(default)s) [env {env}]",
         )
+
+
+def _parse_bool(env: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise SystemExit(f"{env}={text!r}: expected 1/0, true/false, yes/no or on/off")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

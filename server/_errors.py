@@ -12,7 +12,10 @@ __all__ = [
     "FunctionNotFound",
     "GradServeServerError",
     "HandleNotFound",
+    "Abandoned",
+    "FunctionUnavailable",
     "InvalidArgument",
+    "NonFinite",
     "ResourceExhausted",
 ]
 
@@ -52,3 +55,21 @@ class FunctionError(GradServeServerError):
     """The registered Function's forward or backward raised, or returned something invalid."""
 
     code, reason = "FAILED_PRECONDITION", "FUNCTION_ERROR"
+
+
+class FunctionUnavailable(GradServeServerError):
+    """The Function is registered but not served: it failed its start-up check."""
+
+    code, reason = "FAILED_PRECONDITION", "FUNCTION_UNAVAILABLE"
+
+
+class NonFinite(GradServeServerError):
+    """With --check-finite: an output or gradient holds NaN or Inf."""
+
+    code, reason = "FAILED_PRECONDITION", "NON_FINITE"
+
+
+class Abandoned(GradServeServerError):
+    """The caller's deadline passed or it cancelled; the work was dropped and nothing kept."""
+
+    code, reason = "CANCELLED", "ABANDONED"

@@ -15,19 +15,37 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ._checks import BackwardContractError
-from ._errors import FunctionError, FunctionNotFound, HandleNotFound, InvalidArgument, ResourceExhausted
+from ._errors import (
+    Abandoned,
+    FunctionError,
+    FunctionNotFound,
+    FunctionUnavailable,
+    HandleNotFound,
+    InvalidArgument,
+    NonFinite,
+    ResourceExhausted,
+)
 from ._registry import RegisteredFunction, Registry
 
 __all__ = ["ForwardResult", "Runtime", "resolve_device"]
 
 log = logging.getLogger(__name__)
+
+
+def _always() -> bool:
+    return True
+
+
+def _ensure_active(is_active: Callable[[], bool], entry: RegisteredFunction, step: str) -> None:
+    if not is_active():
+        raise Abandoned(f"{entry.name}: caller gone (deadline passed or cancelled) before {step}; work abandoned")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -147,6 +165,15 @@ class Runtime:
         Most graphs kept for a later backward; the least recently used is evicted.
     handle_ttl_s
         Seconds a kept graph lives if no backward comes.
+    check_finite
+        Fail calls whose outputs or gradients hold NaN or Inf (:class:`NonFinite`).
+    unavailable
+        Registered names not to serve, with the reason (failed start-up checks).
+
+    Every operation takes ``is_active``, a callable that turns False when the caller
+    has gone (deadline passed, cancelled): the work is then abandoned at the next step
+    boundary with :class:`Abandoned`, and no graph is kept. Python cannot interrupt a
+    Function midway, so a step that has started runs to its end.
     """
 
     def __init__(
@@ -156,10 +183,14 @@ class Runtime:
         *,
         max_handles: int = 1024,
         handle_ttl_s: float = 300.0,
+        check_finite: bool = False,
+        unavailable: dict[str, str] | None = None,
     ) -> None:
         self.registry = registry
         self.device = torch.device(device)
         self.handles = _HandleStore(max_handles, handle_ttl_s)
+        self.check_finite = check_finite
+        self.unavailable = dict(unavailable or {})
 
     # -- public operations -------------------------------------------------------------
 
@@ -169,9 +200,13 @@ class Runtime:
         if entry is None:
             known = ", ".join(f.name for f in self.registry) or "none"
             raise FunctionNotFound(f"no function named {name!r}; this server serves: {known}")
+        if name in self.unavailable:
+            raise FunctionUnavailable(f"{name} is not served: {self.unavailable[name]}")
         return entry
 
-    def forward(self, name: str, args: Sequence[Any], *, keep_graph: bool = False) -> ForwardResult:
+    def forward(
+        self, name: str, args: Sequence[Any], *, keep_graph: bool = False, is_active: Callable[[], bool] = _always
+    ) -> ForwardResult:
         """Run forward under autograd.
 
         Parameters
@@ -186,12 +221,14 @@ class Runtime:
 
         Raises
         ------
-        FunctionNotFound, InvalidArgument, FunctionError, ResourceExhausted
+        FunctionNotFound, FunctionUnavailable, InvalidArgument, FunctionError, NonFinite,
+        ResourceExhausted, Abandoned
         """
         entry = self.function(name)
         dev_args = self._prepare(entry, args)
-        outputs = self._run_forward(entry, dev_args)
+        outputs = self._run_forward(entry, dev_args, is_active)
         result = self._result(outputs)
+        _ensure_active(is_active, entry, "keeping the graph")
         if keep_graph and any(result.differentiable):
             graph = _Graph(entry, dev_args, outputs[0], time.monotonic() + self.handles.ttl_s)
             return dataclasses.replace(result, handle=self.handles.put(graph))
@@ -204,6 +241,7 @@ class Runtime:
         handle: str | None = None,
         args: Sequence[Any] | None = None,
         grad_outputs: Sequence[torch.Tensor | None] | None = None,
+        is_active: Callable[[], bool] = _always,
     ) -> list[torch.Tensor | None]:
         """Vector-Jacobian product of a forward's outputs with ``grad_outputs``.
 
@@ -224,7 +262,7 @@ class Runtime:
 
         Raises
         ------
-        HandleNotFound, FunctionNotFound, InvalidArgument, FunctionError, ResourceExhausted
+        HandleNotFound, and what :meth:`forward` raises
         """
         if (handle is None) == (args is None):
             raise InvalidArgument("backward needs either a graph handle or the arguments to recompute, not both")
@@ -232,22 +270,32 @@ class Runtime:
             graph = self.handles.peek(handle)
             if graph.function.name != name:
                 raise InvalidArgument(f"handle belongs to function {graph.function.name!r}, not {name!r}")
-            grads = self._vjp(graph.function, graph.args, graph.outputs, grad_outputs)
-            self.handles.pop(handle)
-            return grads
+            cotangents = self._check_grad_outputs(graph.function, graph.outputs, grad_outputs)
+            try:
+                return self._vjp(graph.function, graph.args, graph.outputs, cotangents, is_active)
+            finally:
+                # Released whatever happened: a graph that failed once would fail again.
+                # Bad grad_outputs are refused before this point and keep the handle.
+                self.handles.pop(handle)
         entry = self.function(name)
         dev_args = self._prepare(entry, args or ())
-        outputs, _ = self._run_forward(entry, dev_args)
-        return self._vjp(entry, dev_args, outputs, grad_outputs)
+        outputs, _ = self._run_forward(entry, dev_args, is_active)
+        cotangents = self._check_grad_outputs(entry, outputs, grad_outputs)
+        return self._vjp(entry, dev_args, outputs, cotangents, is_active)
 
     def forward_backward(
-        self, name: str, args: Sequence[Any], grad_outputs: Sequence[torch.Tensor | None] | None = None
+        self,
+        name: str,
+        args: Sequence[Any],
+        grad_outputs: Sequence[torch.Tensor | None] | None = None,
+        is_active: Callable[[], bool] = _always,
     ) -> tuple[ForwardResult, list[torch.Tensor | None]]:
         """Forward, then backward on the same graph; nothing is kept. Errors as both."""
         entry = self.function(name)
         dev_args = self._prepare(entry, args)
-        outputs = self._run_forward(entry, dev_args)
-        return self._result(outputs), self._vjp(entry, dev_args, outputs[0], grad_outputs)
+        outputs = self._run_forward(entry, dev_args, is_active)
+        cotangents = self._check_grad_outputs(entry, outputs[0], grad_outputs)
+        return self._result(outputs), self._vjp(entry, dev_args, outputs[0], cotangents, is_active)
 
     # -- steps -------------------------------------------------------------------------
 
@@ -262,13 +310,18 @@ class Runtime:
             for a in args
         ]
 
-    def _run_forward(self, entry: RegisteredFunction, dev_args: list[Any]) -> tuple[tuple[torch.Tensor, ...], bool]:
+    def _run_forward(
+        self, entry: RegisteredFunction, dev_args: list[Any], is_active: Callable[[], bool]
+    ) -> tuple[tuple[torch.Tensor, ...], bool]:
+        _ensure_active(is_active, entry, "forward")
         needs_grad = any(isinstance(a, torch.Tensor) and a.requires_grad for a in dev_args)
         with self._guard(entry, "forward"), torch.set_grad_enabled(needs_grad):
             out = entry.apply(*dev_args)
         if isinstance(out, torch.Tensor):
+            self._check_finite(entry, "output", (out,))
             return (out,), False
         if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
+            self._check_finite(entry, "output", out)
             return tuple(out), True
         got = type(out).__name__ if not isinstance(out, (tuple, list)) else f"{type(out).__name__} of {[type(o).__name__ for o in out]}"
         raise FunctionError(f"{entry.name} forward returned {got}; expected a tensor or a non-empty tuple of tensors")
@@ -287,9 +340,10 @@ class Runtime:
         entry: RegisteredFunction,
         dev_args: list[Any],
         outputs: tuple[torch.Tensor, ...],
-        grad_outputs: Sequence[torch.Tensor | None] | None,
+        cotangents: Sequence[torch.Tensor | None],
+        is_active: Callable[[], bool],
     ) -> list[torch.Tensor | None]:
-        cotangents = self._check_grad_outputs(entry, outputs, grad_outputs)
+        _ensure_active(is_active, entry, "backward")
         pairs = [(o, g) for o, g in zip(outputs, cotangents) if g is not None and o.requires_grad]
         wanted = [i for i, a in enumerate(dev_args) if isinstance(a, torch.Tensor) and a.requires_grad]
         grads: list[torch.Tensor | None] = [None] * len(dev_args)
@@ -304,7 +358,17 @@ class Runtime:
             )
         for i, g in zip(wanted, computed):
             grads[i] = g
+        self._check_finite(entry, "gradient", grads)
         return grads
+
+    def _check_finite(self, entry: RegisteredFunction, what: str, tensors: Sequence[torch.Tensor | None]) -> None:
+        if not self.check_finite:
+            return
+        for i, t in enumerate(tensors):
+            if t is not None and (t.is_floating_point() or t.is_complex()):
+                bad = int((~torch.isfinite(t)).sum())
+                if bad:
+                    raise NonFinite(f"{entry.name} {what} {i} holds {bad} NaN or Inf value(s) of {t.numel()} (--check-finite)")
 
     def _check_grad_outputs(
         self,

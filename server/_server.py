@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
+from ._checks import check_function, format_table
 from ._config import ServerConfig
 from ._registry import Registry, load_modules
 from ._runtime import Runtime, resolve_device
@@ -63,7 +64,15 @@ def create_server(config: ServerConfig, registry: Registry | None = None) -> Run
     device = resolve_device(config.device)
     if registry is None:
         registry = load_modules(config.functions)
-    runtime = Runtime(registry, device, max_handles=config.max_handles, handle_ttl_s=config.handle_ttl_s)
+    unavailable = _startup_checks(registry) if config.check else {}
+    runtime = Runtime(
+        registry,
+        device,
+        max_handles=config.max_handles,
+        handle_ttl_s=config.handle_ttl_s,
+        check_finite=config.check_finite,
+        unavailable=unavailable,
+    )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="gradserve"),
         options=[
@@ -93,6 +102,16 @@ def create_server(config: ServerConfig, registry: Registry | None = None) -> Run
         len(registry), config.host, port, device, ", ".join(f.name for f in registry),
     )
     return RunningServer(server, port, health_servicer, runtime)
+
+
+def _startup_checks(registry: Registry) -> dict[str, str]:
+    """gradcheck every Function; returns {name: reason} for those that failed."""
+    results = [check_function(f) for f in registry]
+    log.info("start-up gradient checks:\n%s", format_table(results))
+    unavailable = {r.name: f"failed gradcheck at start-up: {r.detail}" for r in results if not r.ok}
+    for name, reason in unavailable.items():
+        log.warning("not serving %s: %s", name, reason)
+    return unavailable
 
 
 def serve(config: ServerConfig) -> None:

@@ -98,7 +98,14 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def ListFunctions(self, request: pb.ListFunctionsRequest, context: grpc.ServicerContext) -> pb.ListFunctionsResponse:
         return pb.ListFunctionsResponse(
             functions=[
-                pb.FunctionInfo(name=f.name, num_inputs=f.num_inputs, doc=f.doc, kind=f.kind, version=f.version)
+                pb.FunctionInfo(
+                    name=f.name,
+                    num_inputs=f.num_inputs,
+                    doc=f.doc,
+                    kind=f.kind,
+                    version=f.version,
+                    unavailable_reason=self.runtime.unavailable.get(f.name, ""),
+                )
                 for f in self.runtime.registry
             ]
         )
@@ -107,7 +114,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
         self.runtime.function(request.function)  # NOT_FOUND before decoding any tensor
         args = self._decode_args(request.function, request.args)
-        result = self.runtime.forward(request.function, args, keep_graph=request.keep_graph)
+        result = self.runtime.forward(
+            request.function, args, keep_graph=request.keep_graph, is_active=context.is_active
+        )
         return pb.ForwardResponse(
             outputs=_encode_outputs(result),
             returns_tuple=result.returns_tuple,
@@ -121,10 +130,14 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         grad_outputs = self._decode_grad_outputs(request.function, request.grad_outputs)
         source = request.WhichOneof("graph")
         if source == "handle":
-            grads = self.runtime.backward(request.function, handle=request.handle, grad_outputs=grad_outputs)
+            grads = self.runtime.backward(
+                request.function, handle=request.handle, grad_outputs=grad_outputs, is_active=context.is_active
+            )
         elif source == "recompute":
             args = self._decode_args(request.function, request.recompute.values)
-            grads = self.runtime.backward(request.function, args=args, grad_outputs=grad_outputs)
+            grads = self.runtime.backward(
+                request.function, args=args, grad_outputs=grad_outputs, is_active=context.is_active
+            )
         else:
             raise codec.CodecError(f"{request.function} backward: set either handle or recompute")
         return pb.BackwardResponse(grads=[codec.encode_maybe_tensor(g) for g in grads])
@@ -136,7 +149,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self.runtime.function(request.function)
         args = self._decode_args(request.function, request.args)
         grad_outputs = self._decode_grad_outputs(request.function, request.grad_outputs)
-        result, grads = self.runtime.forward_backward(request.function, args, grad_outputs)
+        result, grads = self.runtime.forward_backward(request.function, args, grad_outputs, context.is_active)
         return pb.ForwardBackwardResponse(
             outputs=_encode_outputs(result),
             returns_tuple=result.returns_tuple,

@@ -78,18 +78,20 @@ class ListFunctionsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class FunctionInfo(_message.Message):
-    __slots__ = ("name", "num_inputs", "doc", "kind", "version")
+    __slots__ = ("name", "num_inputs", "doc", "kind", "version", "unavailable_reason")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_INPUTS_FIELD_NUMBER: _ClassVar[int]
     DOC_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_inputs: int
     doc: str
     kind: str
     version: str
-    def __init__(self, name: _Optional[str] = ..., num_inputs: _Optional[int] = ..., doc: _Optional[str] = ..., kind: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    unavailable_reason: str
+    def __init__(self, name: _Optional[str] = ..., num_inputs: _Optional[int] = ..., doc: _Optional[str] = ..., kind: _Optional[str] = ..., version: _Optional[str] = ..., unavailable_reason: _Optional[str] = ...) -> None: ...
 
 class ListFunctionsResponse(_message.Message):
     __slots__ = ("functions",)

@@ -81,7 +81,12 @@ class GradientServiceServicer:
         FAILED_PRECONDITION the Function's forward raised, or returned something
         other than a tensor or a tuple of tensors
         (reason FUNCTION_ERROR; the message names the function);
-        DEADLINE_EXCEEDED / CANCELLED  the work is abandoned and no handle is kept;
+        with --check-finite, an output holds NaN or Inf (reason
+        NON_FINITE); the Function failed its start-up check
+        (reason FUNCTION_UNAVAILABLE);
+        DEADLINE_EXCEEDED / CANCELLED  the work is abandoned at the next step
+        (before forward, between forward and backward, before a
+        handle is kept) and no handle is kept;
         INTERNAL           a server bug; the traceback is only in the server log.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -99,7 +104,9 @@ class GradientServiceServicer:
         INVALID_ARGUMENT   grad_outputs whose count, shape or dtype does not match
         the outputs;
         FAILED_PRECONDITION the Function's backward raised or returned the wrong
-        number, shape or dtype of gradients (reason FUNCTION_ERROR).
+        number, shape or dtype of gradients (reason FUNCTION_ERROR),
+        or with --check-finite a gradient holds NaN or Inf
+        (reason NON_FINITE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -63,7 +63,12 @@ class GradientServiceStub:
       FAILED_PRECONDITION the Function's forward raised, or returned something
                          other than a tensor or a tuple of tensors
                          (reason FUNCTION_ERROR; the message names the function);
-      DEADLINE_EXCEEDED / CANCELLED  the work is abandoned and no handle is kept;
+                         with --check-finite, an output holds NaN or Inf (reason
+                         NON_FINITE); the Function failed its start-up check
+                         (reason FUNCTION_UNAVAILABLE);
+      DEADLINE_EXCEEDED / CANCELLED  the work is abandoned at the next step
+                         (before forward, between forward and backward, before a
+                         handle is kept) and no handle is kept;
       INTERNAL           a server bug; the traceback is only in the server log.
     """
     Backward: _grpc.UnaryUnaryMultiCallable[_gradserve_pb2.BackwardRequest, _gradserve_pb2.BackwardResponse]
@@ -77,7 +82,9 @@ class GradientServiceStub:
       INVALID_ARGUMENT   grad_outputs whose count, shape or dtype does not match
                          the outputs;
       FAILED_PRECONDITION the Function's backward raised or returned the wrong
-                         number, shape or dtype of gradients (reason FUNCTION_ERROR).
+                         number, shape or dtype of gradients (reason FUNCTION_ERROR),
+                         or with --check-finite a gradient holds NaN or Inf
+                         (reason NON_FINITE).
     """
     ForwardBackward: _grpc.UnaryUnaryMultiCallable[_gradserve_pb2.ForwardBackwardRequest, _gradserve_pb2.ForwardBackwardResponse]
     """Forward and backward in one round trip; keeps no state on the server.
@@ -105,7 +112,12 @@ class GradientServiceAsyncStub(GradientServiceStub):
       FAILED_PRECONDITION the Function's forward raised, or returned something
                          other than a tensor or a tuple of tensors
                          (reason FUNCTION_ERROR; the message names the function);
-      DEADLINE_EXCEEDED / CANCELLED  the work is abandoned and no handle is kept;
+                         with --check-finite, an output holds NaN or Inf (reason
+                         NON_FINITE); the Function failed its start-up check
+                         (reason FUNCTION_UNAVAILABLE);
+      DEADLINE_EXCEEDED / CANCELLED  the work is abandoned at the next step
+                         (before forward, between forward and backward, before a
+                         handle is kept) and no handle is kept;
       INTERNAL           a server bug; the traceback is only in the server log.
     """
     Backward: _aio.UnaryUnaryMultiCallable[_gradserve_pb2.BackwardRequest, _gradserve_pb2.BackwardResponse]  # type: ignore[assignment]
@@ -119,7 +131,9 @@ class GradientServiceAsyncStub(GradientServiceStub):
       INVALID_ARGUMENT   grad_outputs whose count, shape or dtype does not match
                          the outputs;
       FAILED_PRECONDITION the Function's backward raised or returned the wrong
-                         number, shape or dtype of gradients (reason FUNCTION_ERROR).
+                         number, shape or dtype of gradients (reason FUNCTION_ERROR),
+                         or with --check-finite a gradient holds NaN or Inf
+                         (reason NON_FINITE).
     """
     ForwardBackward: _aio.UnaryUnaryMultiCallable[_gradserve_pb2.ForwardBackwardRequest, _gradserve_pb2.ForwardBackwardResponse]  # type: ignore[assignment]
     """Forward and backward in one round trip; keeps no state on the server.
@@ -156,7 +170,12 @@ class GradientServiceServicer(metaclass=_abc_1.ABCMeta):
           FAILED_PRECONDITION the Function's forward raised, or returned something
                              other than a tensor or a tuple of tensors
                              (reason FUNCTION_ERROR; the message names the function);
-          DEADLINE_EXCEEDED / CANCELLED  the work is abandoned and no handle is kept;
+                             with --check-finite, an output holds NaN or Inf (reason
+                             NON_FINITE); the Function failed its start-up check
+                             (reason FUNCTION_UNAVAILABLE);
+          DEADLINE_EXCEEDED / CANCELLED  the work is abandoned at the next step
+                             (before forward, between forward and backward, before a
+                             handle is kept) and no handle is kept;
           INTERNAL           a server bug; the traceback is only in the server log.
         """
 
@@ -176,7 +195,9 @@ class GradientServiceServicer(metaclass=_abc_1.ABCMeta):
           INVALID_ARGUMENT   grad_outputs whose count, shape or dtype does not match
                              the outputs;
           FAILED_PRECONDITION the Function's backward raised or returned the wrong
-                             number, shape or dtype of gradients (reason FUNCTION_ERROR).
+                             number, shape or dtype of gradients (reason FUNCTION_ERROR),
+                             or with --check-finite a gradient holds NaN or Inf
+                             (reason NON_FINITE).
         """
 
     @_abc_1.abstractmethod
