@@ -78,8 +78,9 @@ def tensor_nbytes(msg: pb.Tensor, *, what: str = "tensor") -> int:
     Raises
     ------
     CodecError
-        The dtype is DTYPE_UNSPECIFIED or unknown, a dimension is negative, or the
-        element count overflows int64.
+        The dtype is DTYPE_UNSPECIFIED or unknown, or a dimension is negative.
+    TensorTooLarge
+        The size in bytes overflows int64.
     """
     dtype = WIRE_TO_DTYPE.get(msg.dtype)
     if dtype is None:
@@ -93,7 +94,7 @@ def tensor_nbytes(msg: pb.Tensor, *, what: str = "tensor") -> int:
         numel *= dim  # Python ints: no overflow while we check
     itemsize = dtype.itemsize
     if numel * itemsize > _INT64_MAX:
-        raise CodecError(f"{what}: shape {list(msg.shape)} has {numel} elements, over the int64 limit")
+        raise TensorTooLarge(f"{what}: shape {list(msg.shape)} has {numel} elements, over the int64 limit")
     return numel * itemsize
 
 
@@ -117,10 +118,11 @@ def decode_tensor(msg: pb.Tensor, *, max_bytes: int | None = None, what: str = "
     Raises
     ------
     CodecError
-        Unknown dtype, negative dimension, element count over int64, a byte count
-        different from shape x item size, or a bool byte other than 0 or 1.
+        Unknown dtype, negative dimension, a byte count different from shape x item
+        size, or a bool byte other than 0 or 1.
     TensorTooLarge
-        The tensor's size is over ``max_bytes``. Checked before allocating.
+        The declared size overflows int64 or is over ``max_bytes``. Checked first,
+        on the declared shape, before the byte count and before allocating.
     """
     nbytes = tensor_nbytes(msg, what=what)
     dtype = WIRE_TO_DTYPE[msg.dtype]

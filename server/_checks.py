@@ -171,7 +171,17 @@ def _flat_float_outputs(fn: Callable[..., Any], inputs: tuple[Any, ...]) -> tupl
     return flat, outs
 
 
-def _max_jacobian_error(fn: Callable[..., Any], inputs: tuple[Any, ...], eps: float = 1e-6) -> float:
+@dataclass(frozen=True)
+class _JacobianError:
+    error: float  # max |numerical - analytical|
+    numerical: float  # at the worst entry
+    analytical: float
+
+    def __str__(self) -> str:
+        return f"worst Jacobian entry: numerical {self.numerical:.6g} vs analytical {self.analytical:.6g}"
+
+
+def _max_jacobian_error(fn: Callable[..., Any], inputs: tuple[Any, ...], eps: float = 1e-6) -> _JacobianError:
     """max |J_numerical - J_analytical|: central differences against reverse mode, entry by entry."""
     wrt = [a for a in inputs if isinstance(a, torch.Tensor) and a.requires_grad]
     with torch.enable_grad():
@@ -201,7 +211,11 @@ def _max_jacobian_error(fn: Callable[..., Any], inputs: tuple[Any, ...], eps: fl
                 flat_in[j] = original
             numerical[:, column] = (values[0] - values[1]).to(torch.float64) / (2 * eps)
             column += 1
-    return float((numerical - analytical).abs().max()) if numerical.numel() else 0.0
+    if not numerical.numel():
+        return _JacobianError(0.0, 0.0, 0.0)
+    diff = (numerical - analytical).abs().reshape(-1)
+    worst = int(diff.argmax())
+    return _JacobianError(float(diff[worst]), float(numerical.reshape(-1)[worst]), float(analytical.reshape(-1)[worst]))
 
 
 def check_function(entry: RegisteredFunction) -> CheckResult:
@@ -215,16 +229,16 @@ def check_function(entry: RegisteredFunction) -> CheckResult:
         inputs = entry.sample_inputs() if entry.sample_inputs else default_sample_inputs(entry.num_inputs or 1)
         inputs = tuple(inputs)
         first_ok = torch.autograd.gradcheck(entry.apply, inputs, raise_exception=False)
-        first_err = _max_jacobian_error(entry.apply, inputs)
+        first = _max_jacobian_error(entry.apply, inputs)
     except Exception as exc:  # noqa: BLE001 - a broken Function is a failed check, not a crash
         return CheckResult(entry.name, "fail", None, "skip", None, f"{type(exc).__name__}: {exc}")
-    first = "pass" if first_ok else "fail"
+    first_verdict = "pass" if first_ok else "fail"
+    first_detail = "" if first_ok else f"first order: {first}"
     if not entry.double_backward:
-        return CheckResult(entry.name, first, first_err, "skip", None, "" if first_ok else "analytical gradient != numerical")
+        return CheckResult(entry.name, first_verdict, first.error, "skip", None, first_detail)
     try:
-        g = torch.Generator().manual_seed(1)
-        outs = _differentiable(entry.apply(*inputs))
-        cotangents = [torch.randn(o.shape, dtype=o.dtype, generator=g) for o in outs]
+        # Ones as cotangents, so the reported error is that of d/dx of the plain gradient.
+        cotangents = [torch.ones_like(o) for o in _differentiable(entry.apply(*inputs))]
         second_ok = torch.autograd.gradgradcheck(entry.apply, inputs, raise_exception=False)
 
         def vjp(*args: Any) -> tuple[torch.Tensor, ...]:
@@ -233,14 +247,13 @@ def check_function(entry: RegisteredFunction) -> CheckResult:
             grads = torch.autograd.grad(out, wrt, cotangents, create_graph=True, allow_unused=True)
             return tuple(gr if gr is not None else torch.zeros_like(w).requires_grad_() for gr, w in zip(grads, wrt))
 
-        second_err = _max_jacobian_error(vjp, inputs)
+        second = _max_jacobian_error(vjp, inputs)
     except Exception as exc:  # noqa: BLE001
-        return CheckResult(entry.name, first, first_err, "fail", None, f"{type(exc).__name__}: {exc}")
-    second = "pass" if second_ok else "fail"
-    detail = "" if first_ok and second_ok else "analytical derivative != numerical" + (
-        "" if second_ok else " (second order)"
+        return CheckResult(entry.name, first_verdict, first.error, "fail", None, f"second order: {type(exc).__name__}: {exc}")
+    details = [first_detail, "" if second_ok else f"second order: {second}"]
+    return CheckResult(
+        entry.name, first_verdict, first.error, "pass" if second_ok else "fail", second.error, "; ".join(d for d in details if d)
     )
-    return CheckResult(entry.name, first, first_err, second, second_err, detail)
 
 
 def format_table(results: Sequence[CheckResult]) -> str:

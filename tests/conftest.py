@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 import gradserve.server.examples  # noqa: F401  (registers the examples)
+import gradserve_broken_functions  # noqa: F401  (registers the broken Functions)
 import gradserve_test_functions  # noqa: F401  (registers the test Functions)
 from gradserve.client import GradientClient
 from gradserve.server import RunningServer, ServerConfig, create_server, registry

@@ -79,3 +79,15 @@ def slow_square(x: torch.Tensor, seconds: float) -> torch.Tensor:
 def returns_string(x: torch.Tensor) -> Any:
     """Not a valid Function: returns a str."""
     return "oops"
+
+
+@register("log")
+def log(x: torch.Tensor) -> torch.Tensor:
+    """Natural log: NaN for negative inputs (the --check-finite test)."""
+    return torch.log(x)
+
+
+@register("allocate_huge")
+def allocate_huge(x: torch.Tensor) -> torch.Tensor:
+    """Asks the allocator for 32 TiB: out of memory on any machine."""
+    return x + torch.empty(2**45, dtype=torch.uint8).sum()

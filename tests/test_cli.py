@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import TESTS, ServerProcess, free_port, wait_until
-from gradserve.client import GradientClient, UnavailableError
+from gradserve.client import FunctionFailedError, GradientClient, UnavailableError
 
 
 def cli(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
@@ -97,3 +97,34 @@ def _ready(client: GradientClient) -> bool:
         return True
     except UnavailableError:
         return False
+
+
+def test_check_passes_the_examples() -> None:
+    result = cli("check", timeout_s=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "8 of 8 passed" in result.stdout
+    assert "straight_through_sign  skip" in result.stdout
+
+
+def test_check_reports_broken_functions() -> None:
+    result = cli("check", "--functions", "gradserve_broken_functions", timeout_s=120)
+    assert result.returncode == 1
+    rows = {line.split()[0]: line for line in result.stdout.splitlines() if line and not line.startswith("function")}
+    assert "fail (4.00e+00)" in rows["wrong_cube"] and "numerical 12 vs analytical 8" in rows["wrong_cube"]
+    assert "pass" in rows["ctx_attribute_square"].split("  ")[1]
+    assert "fail (8.00e+00)" in rows["ctx_attribute_square"] and "numerical 8 vs analytical 0" in rows["ctx_attribute_square"]
+    assert "got shape [2, 5], expected [3, 4]" in rows["bad_grad_shape"]
+
+
+def test_serve_check_withholds_failing_functions_only() -> None:
+    with ServerProcess("--check", "--functions", "gradserve.server.examples", "--functions", "gradserve_broken_functions") as p:
+        with GradientClient(p.target, timeout=30) as client:
+            info = {f.name: f for f in client.list_functions()}
+            assert "failed gradcheck" in info["wrong_cube"].unavailable_reason
+            assert info["square"].unavailable_reason == ""
+            with pytest.raises(FunctionFailedError, match="wrong_cube is not served: failed gradcheck") as err:
+                client.forward("wrong_cube", torch.tensor([2.0]))
+            assert err.value.reason == "FUNCTION_UNAVAILABLE"
+            assert client.forward("square", torch.tensor([3.0])).tolist() == [9.0]
+        listed = cli("list", "--target", p.target)
+        assert "[unavailable: failed gradcheck" in listed.stdout
