@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -41,6 +42,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_p.add_argument("--functions", action="append", default=[], metavar="MODULE",
                          help="module that registers Functions; repeatable (default: gradserve.server.examples)")
 
+    health_p = commands.add_parser(
+        "health", help="exit 0 if a server reports SERVING, else 1 (for container healthchecks)",
+        description="Ask a server's grpc.health.v1 service. Exit 0 when SERVING, 1 otherwise.",
+    )
+    health_p.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
+    _add_target(health_p)
+
     list_p = commands.add_parser("list", help="list a server's functions")
     _add_target(list_p)
 
@@ -58,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "check":
         return _check(args.functions)
+    if args.command == "health":
+        return _health(args.target, args.service, args.timeout_s)
     from gradserve.client import GradientClient, GradServeError
 
     try:
@@ -71,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default="127.0.0.1:50051", help="server address HOST:PORT (default: %(default)s)")
+    parser.add_argument("--target", default=os.environ.get("GRADSERVE_TARGET", "127.0.0.1:50051"),
+                        help="server address HOST:PORT (default: %(default)s) [env GRADSERVE_TARGET]")
     parser.add_argument("--timeout-s", type=float, default=30.0, help="deadline in seconds (default: %(default)s)")
 
 
@@ -104,6 +115,23 @@ def _check(modules: Sequence[str]) -> int:
     failed = [r.name for r in results if not r.ok]
     print(f"\n{len(results) - len(failed)} of {len(results)} passed" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
+
+
+def _health(target: str, service: str, timeout_s: float) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
+        except grpc.RpcError as exc:
+            print(f"{target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _list(client: Any) -> int:

@@ -128,3 +128,13 @@ def test_serve_check_withholds_failing_functions_only() -> None:
             assert client.forward("square", torch.tensor([3.0])).tolist() == [9.0]
         listed = cli("list", "--target", p.target)
         assert "[unavailable: failed gradcheck" in listed.stdout
+
+
+def test_health_command(proc: ServerProcess) -> None:
+    ok = cli("health", "--target", proc.target)
+    assert ok.returncode == 0 and "SERVING" in ok.stdout
+    assert cli("health", "--target", proc.target, "--service", "gradserve.v1.GradientService").returncode == 0
+    unknown = cli("health", "--target", proc.target, "--service", "no.such.Service")
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
+    down = cli("health", "--target", f"127.0.0.1:{free_port()}", "--timeout-s", "2")
+    assert down.returncode == 1
