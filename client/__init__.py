@@ -12,7 +12,7 @@ Example::
         print(y.item(), x.grad.item())     # 1.0 2.0
 """
 
-from ._client import ForwardBackwardResult, FunctionInfo, GradientClient
+from ._client import GradientClient
 from ._errors import (
     CancelledError,
     DeadlineExceededError,
@@ -28,6 +28,7 @@ from ._errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from ._messages import ForwardBackwardResult, FunctionInfo
 
 __all__ = [
     "CancelledError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,7 +19,8 @@ class RemoteFunction(torch.autograd.Function):
 
     Forward asks the server to keep the graph (when some argument needs grad) and
     saves the tensor arguments; backward sends ``grad_outputs`` with the handle, or
-    the saved arguments when the handle is gone, so the server recomputes.
+    the saved arguments when the handle is gone, so the server recomputes. If the
+    node is garbage-collected before its backward ran, the handle is released.
     """
 
     @staticmethod
@@ -27,10 +29,13 @@ class RemoteFunction(torch.autograd.Function):
         result = client._forward_keep(name, args, requires_grad, timeout)
         ctx.set_materialize_grads(False)  # None, not zeros, for outputs that got no gradient
         ctx.client, ctx.name, ctx.timeout = client, name, timeout
-        ctx.handle, ctx.arg_requires_grad = result.handle, requires_grad
+        ctx.forwarded, ctx.arg_requires_grad = result, requires_grad
         ctx.tensor_positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
         ctx.scalars = [None if isinstance(a, torch.Tensor) else a for a in args]
         ctx.save_for_backward(*(args[i] for i in ctx.tensor_positions))
+        if result.handle:
+            # Holds the client, not ctx: the finalizer must not keep the node alive.
+            ctx.release = weakref.finalize(ctx, client._release, result.handle)
         outputs = result.outputs
         ctx.mark_non_differentiable(*(o for o, d in zip(outputs, result.differentiable) if not d))
         return outputs if result.returns_tuple else outputs[0]
@@ -41,6 +46,9 @@ class RemoteFunction(torch.autograd.Function):
         args = list(ctx.scalars)
         for i, t in zip(ctx.tensor_positions, ctx.saved_tensors):
             args[i] = t
-        grads = ctx.client._backward(ctx.name, ctx.handle, args, ctx.arg_requires_grad, grad_outputs, ctx.timeout)
-        ctx.handle = ""  # a second backward (retain_graph=True) recomputes
+        forwarded = ctx.forwarded
+        grads = ctx.client._backward(ctx.name, forwarded, args, ctx.arg_requires_grad, grad_outputs, ctx.timeout)
+        if forwarded.handle:
+            ctx.release.detach()  # the server freed it with the backward
+            ctx.forwarded = type(forwarded)(**{**forwarded.__dict__, "handle": ""})  # a second backward recomputes
         return (None, None, None, *grads)

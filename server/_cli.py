@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -87,15 +86,14 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from ._logging import configure_logging
     from ._server import serve
 
     config = config_from_args(args)
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
     try:
+        configure_logging(config.log_level, config.log_format)
         serve(config)
-    except (ImportError, ValueError) as exc:  # bad --functions module, device, address: one clear line
+    except (ImportError, ValueError, OSError) as exc:  # bad module, device, address, TLS file: one clear line
         print(f"gradserve serve: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -28,11 +28,20 @@ class ServerConfig:
     max_request_bytes: int = 256 * MiB
     max_tensor_bytes: int = 256 * MiB
     max_handles: int = 1024
+    max_handle_bytes: int = 2048 * MiB
     handle_ttl_s: float = 300.0
     grace_period_s: float = 30.0
+    drain_delay_s: float = 0.0
     check: bool = False
     check_finite: bool = False
+    metrics_port: int = 0
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    auth_tokens_file: str = ""
+    auth_tokens: str = ""
     log_level: str = "INFO"
+    log_format: str = "text"
 
 
 _HELP = {
@@ -44,11 +53,21 @@ _HELP = {
     "max_request_bytes": "largest request message, in bytes; larger ones get RESOURCE_EXHAUSTED",
     "max_tensor_bytes": "largest single tensor, in bytes; checked before allocation",
     "max_handles": "most forward graphs kept for a later backward (least recently used evicted)",
+    "max_handle_bytes": "most bytes of tensors held by kept forward graphs (least recently used evicted)",
     "handle_ttl_s": "seconds a kept forward graph lives if no backward comes",
     "grace_period_s": "seconds in-flight calls may take to finish after SIGTERM",
+    "drain_delay_s": "seconds after SIGTERM during which health says NOT_SERVING but calls are still taken, "
+    "so load balancers stop sending before the server stops accepting",
     "check": "gradcheck every Function at start-up; failing ones are listed as unavailable, not served",
     "check_finite": "fail calls whose outputs or gradients hold NaN or Inf (FAILED_PRECONDITION)",
+    "metrics_port": "port of the Prometheus /metrics endpoint on --host; 0 turns it off",
+    "tls_cert_file": "PEM server certificate chain; with --tls-key-file, serve TLS",
+    "tls_key_file": "PEM private key of --tls-cert-file",
+    "tls_client_ca_file": "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)",
+    "auth_tokens_file": "file of accepted bearer tokens, one per line; when set (or --auth-tokens), calls need one",
+    "auth_tokens": "accepted bearer tokens, comma-separated; prefer the env variable or a file to keep them out of ps",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_format": "text or json (one object per line)",
 }
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "InvalidArgument",
     "NonFinite",
     "ResourceExhausted",
+    "VersionMismatch",
 ]
 
 
@@ -73,3 +74,9 @@ class Abandoned(GradServeServerError):
     """The caller's deadline passed or it cancelled; the work was dropped and nothing kept."""
 
     code, reason = "CANCELLED", "ABANDONED"
+
+
+class VersionMismatch(GradServeServerError):
+    """A backward names another version of the Function than the one served now."""
+
+    code, reason = "FAILED_PRECONDITION", "VERSION_MISMATCH"

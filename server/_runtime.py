@@ -11,10 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import secrets
-import threading
-import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +23,12 @@ from ._errors import (
     FunctionError,
     FunctionNotFound,
     FunctionUnavailable,
-    HandleNotFound,
     InvalidArgument,
     NonFinite,
     ResourceExhausted,
+    VersionMismatch,
 )
+from ._handles import Graph, HandleStore
 from ._registry import RegisteredFunction, Registry
 
 __all__ = ["ForwardResult", "Runtime", "resolve_device"]
@@ -87,6 +84,8 @@ class ForwardResult:
         Whether the Function returned a tuple rather than a bare tensor.
     differentiable
         Per output: whether a backward can flow through it.
+    version
+        Version of the Function that ran.
     handle
         Key of the kept graph, or ``None``.
     """
@@ -94,62 +93,8 @@ class ForwardResult:
     outputs: tuple[torch.Tensor, ...]
     returns_tuple: bool
     differentiable: tuple[bool, ...]
+    version: str
     handle: str | None = None
-
-
-@dataclass
-class _Graph:
-    function: RegisteredFunction
-    args: list[Any]
-    outputs: tuple[torch.Tensor, ...]
-    expires_at: float
-
-
-class _HandleStore:
-    """Kept graphs by handle, bounded by count and lifetime (least recently used goes first)."""
-
-    def __init__(self, max_handles: int, ttl_s: float) -> None:
-        self.max_handles = max_handles
-        self.ttl_s = ttl_s
-        self._graphs: OrderedDict[str, _Graph] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def put(self, graph: _Graph) -> str:
-        handle = secrets.token_urlsafe(18)
-        with self._lock:
-            self._expire_locked()
-            self._graphs[handle] = graph
-            while len(self._graphs) > self.max_handles:
-                evicted, _ = self._graphs.popitem(last=False)
-                log.info("evicted graph handle %s: over --max-handles=%d", evicted[:8], self.max_handles)
-        return handle
-
-    def peek(self, handle: str) -> _Graph:
-        with self._lock:
-            self._expire_locked()
-            graph = self._graphs.get(handle)
-            if graph is None:
-                raise HandleNotFound(
-                    f"graph handle {handle[:8]!r}... is unknown, expired, evicted or already used; "
-                    "send the arguments again to recompute"
-                )
-            self._graphs.move_to_end(handle)
-            return graph
-
-    def pop(self, handle: str) -> None:
-        with self._lock:
-            self._graphs.pop(handle, None)
-
-    def __len__(self) -> int:
-        with self._lock:
-            self._expire_locked()
-            return len(self._graphs)
-
-    def _expire_locked(self) -> None:
-        now = time.monotonic()
-        expired = [h for h, g in self._graphs.items() if g.expires_at <= now]
-        for h in expired:
-            del self._graphs[h]
 
 
 class Runtime:
@@ -161,10 +106,9 @@ class Runtime:
         Functions to serve.
     device
         Where forward and backward run.
-    max_handles
-        Most graphs kept for a later backward; the least recently used is evicted.
-    handle_ttl_s
-        Seconds a kept graph lives if no backward comes.
+    max_handles, max_handle_bytes, handle_ttl_s
+        Bounds of the store of graphs kept for a later backward: count, bytes, and
+        seconds without a backward (see :class:`HandleStore`).
     check_finite
         Fail calls whose outputs or gradients hold NaN or Inf (:class:`NonFinite`).
     unavailable
@@ -182,13 +126,14 @@ class Runtime:
         device: torch.device | str = "cpu",
         *,
         max_handles: int = 1024,
+        max_handle_bytes: int = 2**31,
         handle_ttl_s: float = 300.0,
         check_finite: bool = False,
         unavailable: dict[str, str] | None = None,
     ) -> None:
         self.registry = registry
         self.device = torch.device(device)
-        self.handles = _HandleStore(max_handles, handle_ttl_s)
+        self.handles = HandleStore(max_handles, max_handle_bytes, handle_ttl_s)
         self.check_finite = check_finite
         self.unavailable = dict(unavailable or {})
 
@@ -227,11 +172,10 @@ class Runtime:
         entry = self.function(name)
         dev_args = self._prepare(entry, args)
         outputs = self._run_forward(entry, dev_args, is_active)
-        result = self._result(outputs)
+        result = self._result(entry, outputs)
         _ensure_active(is_active, entry, "keeping the graph")
         if keep_graph and any(result.differentiable):
-            graph = _Graph(entry, dev_args, outputs[0], time.monotonic() + self.handles.ttl_s)
-            return dataclasses.replace(result, handle=self.handles.put(graph))
+            return dataclasses.replace(result, handle=self.handles.put(Graph(entry, dev_args, outputs[0])))
         return result
 
     def backward(
@@ -241,6 +185,7 @@ class Runtime:
         handle: str | None = None,
         args: Sequence[Any] | None = None,
         grad_outputs: Sequence[torch.Tensor | None] | None = None,
+        version: str = "",
         is_active: Callable[[], bool] = _always,
     ) -> list[torch.Tensor | None]:
         """Vector-Jacobian product of a forward's outputs with ``grad_outputs``.
@@ -253,6 +198,9 @@ class Runtime:
         grad_outputs
             One CPU tensor or None per output, shaped and typed like it; ``None`` (the
             whole sequence) means ones for every differentiable output.
+        version
+            Version of the Function the forward ran; when given and different from
+            the one served (or the one that made the handle), :class:`VersionMismatch`.
 
         Returns
         -------
@@ -266,18 +214,27 @@ class Runtime:
         """
         if (handle is None) == (args is None):
             raise InvalidArgument("backward needs either a graph handle or the arguments to recompute, not both")
+        entry = self.function(name)
+        if version and version != entry.version:
+            raise VersionMismatch(
+                f"{name}: the forward ran version {version}, this server serves version {entry.version}; "
+                "run the forward again"
+            )
         if handle is not None:
             graph = self.handles.peek(handle)
             if graph.function.name != name:
                 raise InvalidArgument(f"handle belongs to function {graph.function.name!r}, not {name!r}")
+            if graph.function.version != entry.version:  # the Function was re-registered since
+                self.handles.release([handle])
+                raise VersionMismatch(f"{name}: the handle's graph is of version {graph.function.version}, "
+                                      f"this server serves version {entry.version}; run the forward again")
             cotangents = self._check_grad_outputs(graph.function, graph.outputs, grad_outputs)
             try:
                 return self._vjp(graph.function, graph.args, graph.outputs, cotangents, is_active)
             finally:
                 # Released whatever happened: a graph that failed once would fail again.
                 # Bad grad_outputs are refused before this point and keep the handle.
-                self.handles.pop(handle)
-        entry = self.function(name)
+                self.handles.release([handle])
         dev_args = self._prepare(entry, args or ())
         outputs, _ = self._run_forward(entry, dev_args, is_active)
         cotangents = self._check_grad_outputs(entry, outputs, grad_outputs)
@@ -295,7 +252,7 @@ class Runtime:
         dev_args = self._prepare(entry, args)
         outputs = self._run_forward(entry, dev_args, is_active)
         cotangents = self._check_grad_outputs(entry, outputs[0], grad_outputs)
-        return self._result(outputs), self._vjp(entry, dev_args, outputs[0], cotangents, is_active)
+        return self._result(entry, outputs), self._vjp(entry, dev_args, outputs[0], cotangents, is_active)
 
     # -- steps -------------------------------------------------------------------------
 
@@ -327,12 +284,13 @@ class Runtime:
         raise FunctionError(f"{entry.name} forward returned {got}; expected a tensor or a non-empty tuple of tensors")
 
     @staticmethod
-    def _result(outputs: tuple[tuple[torch.Tensor, ...], bool]) -> ForwardResult:
+    def _result(entry: RegisteredFunction, outputs: tuple[tuple[torch.Tensor, ...], bool]) -> ForwardResult:
         tensors, returns_tuple = outputs
         return ForwardResult(
             outputs=tuple(t.detach() for t in tensors),
             returns_tuple=returns_tuple,
             differentiable=tuple(t.requires_grad for t in tensors),
+            version=entry.version,
         )
 
     def _vjp(

@@ -23,6 +23,7 @@ from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 from ._errors import GradServeServerError
+from ._metrics import Metrics
 from ._runtime import ForwardResult, Runtime
 
 __all__ = ["ERROR_DOMAIN", "GradientServicer"]
@@ -53,16 +54,21 @@ def _classify(exc: Exception) -> tuple[grpc.StatusCode, str, str]:
 
 
 def _rpc(method: Callable[[Any, Any, grpc.ServicerContext], R]) -> Callable[[Any, Any, grpc.ServicerContext], R]:
-    """Run one RPC: log it, and turn exceptions into a status with an ErrorInfo detail."""
+    """Run one RPC: refuse it while loading, count and log it, turn exceptions into a status."""
 
     @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> R:
-        request_id = uuid.uuid4().hex[:12]
+    def wrapper(self: GradientServicer, request: Any, context: grpc.ServicerContext) -> R:
+        metadata = dict(context.invocation_metadata() or ())
+        request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex[:12])[:64]
         function = getattr(request, "function", "")
         start = time.perf_counter()
-        code = grpc.StatusCode.OK
+        code, response = grpc.StatusCode.OK, None
         try:
-            return method(self, request, context)
+            if self.runtime is None or self.metrics is None:
+                raise _Loading("server is starting: functions are still loading; retry shortly")
+            with self.metrics.track():
+                response = method(self, request, context)
+            return response
         except Exception as exc:
             code, reason, message = _classify(exc)
             if code is grpc.StatusCode.INTERNAL:
@@ -71,28 +77,43 @@ def _rpc(method: Callable[[Any, Any, grpc.ServicerContext], R]) -> Callable[[Any
             _abort(context, code, reason, message)
             raise  # unreachable: abort raises
         finally:
-            log.info(
-                "request=%s method=%s function=%s code=%s duration_ms=%.2f",
-                request_id, method.__name__, function, code.name, 1e3 * (time.perf_counter() - start),
-            )
+            duration_s = time.perf_counter() - start
+            if self.metrics is not None:
+                out = response.ByteSize() if response is not None else 0
+                self.metrics.observe(function, method.__name__, code.name, duration_s, request.ByteSize(), out)
+            fields = {"request_id": request_id, "method": method.__name__, "function": function,
+                      "code": code.name, "duration_ms": round(1e3 * duration_s, 3), "peer": context.peer()}
+            log.info("request=%s method=%s function=%s code=%s duration_ms=%.2f", request_id, method.__name__,
+                     function, code.name, fields["duration_ms"], extra=fields)
 
     return wrapper
+
+
+class _Loading(GradServeServerError):
+    code, reason = "UNAVAILABLE", "LOADING"
 
 
 class GradientServicer(pb_grpc.GradientServiceServicer):
     """``gradserve.v1.GradientService`` over a :class:`Runtime`.
 
+    Answers UNAVAILABLE until :meth:`attach` gives it the runtime (functions loaded and
+    checked), so the port can be bound and health reported while loading.
+
     Parameters
     ----------
-    runtime
-        Executes the Functions.
     max_tensor_bytes
         Largest single tensor accepted, in bytes (RESOURCE_EXHAUSTED above it).
     """
 
-    def __init__(self, runtime: Runtime, *, max_tensor_bytes: int | None = None) -> None:
-        self.runtime = runtime
+    def __init__(self, *, max_tensor_bytes: int | None = None) -> None:
+        self.runtime: Runtime | None = None
+        self.metrics: Metrics | None = None
         self.max_tensor_bytes = max_tensor_bytes
+
+    def attach(self, runtime: Runtime, metrics: Metrics) -> None:
+        """Start serving ``runtime``, recording into ``metrics``."""
+        self.metrics = metrics
+        self.runtime = runtime
 
     @_rpc
     def ListFunctions(self, request: pb.ListFunctionsRequest, context: grpc.ServicerContext) -> pb.ListFunctionsResponse:
@@ -122,6 +143,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             returns_tuple=result.returns_tuple,
             handle=result.handle or "",
             handle_ttl_ms=int(self.runtime.handles.ttl_s * 1000) if result.handle else 0,
+            version=result.version,
         )
 
     @_rpc
@@ -131,16 +153,30 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         source = request.WhichOneof("graph")
         if source == "handle":
             grads = self.runtime.backward(
-                request.function, handle=request.handle, grad_outputs=grad_outputs, is_active=context.is_active
+                request.function,
+                handle=request.handle,
+                grad_outputs=grad_outputs,
+                version=request.version,
+                is_active=context.is_active,
             )
         elif source == "recompute":
             args = self._decode_args(request.function, request.recompute.values)
             grads = self.runtime.backward(
-                request.function, args=args, grad_outputs=grad_outputs, is_active=context.is_active
+                request.function,
+                args=args,
+                grad_outputs=grad_outputs,
+                version=request.version,
+                is_active=context.is_active,
             )
         else:
             raise codec.CodecError(f"{request.function} backward: set either handle or recompute")
         return pb.BackwardResponse(grads=[codec.encode_maybe_tensor(g) for g in grads])
+
+    @_rpc
+    def ReleaseHandles(
+        self, request: pb.ReleaseHandlesRequest, context: grpc.ServicerContext
+    ) -> pb.ReleaseHandlesResponse:
+        return pb.ReleaseHandlesResponse(released=self.runtime.handles.release(request.handles))
 
     @_rpc
     def ForwardBackward(

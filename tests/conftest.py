@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import gradserve.server.examples  # noqa: F401  (registers the examples)
 import gradserve_broken_functions  # noqa: F401  (registers the broken Functions)
@@ -59,14 +60,20 @@ class ServerProcess:
         self._wait_ready(timeout_s=60)
 
     def _wait_ready(self, timeout_s: float) -> None:
-        channel = grpc.insecure_channel(self.target)
-        try:
-            grpc.channel_ready_future(channel).result(timeout=timeout_s)
-        except grpc.FutureTimeoutError:
-            self.kill()
-            raise RuntimeError(f"server did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
-        finally:
-            channel.close()
+        """Until health says SERVING (functions loaded and checked), or fail with the server's stderr."""
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            def serving() -> bool:
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1, wait_for_ready=True)
+                    return reply.status == health_pb2.HealthCheckResponse.SERVING
+                except grpc.RpcError:
+                    return self.proc.poll() is not None  # exited: stop waiting
+
+            if not wait_until(serving, timeout_s=timeout_s, interval_s=0.05) or self.proc.poll() is not None:
+                self.kill()
+                raise RuntimeError(f"server did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
 
     def terminate(self, timeout_s: float = 30) -> int:
         self.proc.terminate()

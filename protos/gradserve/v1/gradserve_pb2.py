@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cgradserve/v1/gradserve.proto\x12\x0cgradserve.v1\x1a\x1cgoogle/protobuf/struct.proto\"`\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.gradserve.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x15\n\rrequires_grad\x18\x04 \x01(\x08\"\xc3\x01\n\x05Value\x12&\n\x06tensor\x18\x01 \x01(\x0b\x32\x14.gradserve.v1.TensorH\x00\x12\x14\n\nbool_value\x18\x02 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x03 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x04 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x05 \x01(\tH\x00\x12\x30\n\nnull_value\x18\x06 \x01(\x0e\x32\x1a.google.protobuf.NullValueH\x00\x42\x06\n\x04kind\"i\n\x0bMaybeTensor\x12&\n\x06tensor\x18\x01 \x01(\x0b\x32\x14.gradserve.v1.TensorH\x00\x12*\n\x04none\x18\x02 \x01(\x0e\x32\x1a.google.protobuf.NullValueH\x00\x42\x06\n\x04kind\"\x16\n\x14ListFunctionsRequest\"\x8c\x01\n\x0c\x46unctionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\nnum_inputs\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x0b\n\x03\x64oc\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x1a\n\x12unavailable_reason\x18\x06 \x01(\tB\r\n\x0b_num_inputs\"F\n\x15ListFunctionsResponse\x12-\n\tfunctions\x18\x01 \x03(\x0b\x32\x1a.gradserve.v1.FunctionInfo\"Y\n\x0e\x46orwardRequest\x12\x10\n\x08\x66unction\x18\x01 \x01(\t\x12!\n\x04\x61rgs\x18\x02 \x03(\x0b\x32\x13.gradserve.v1.Value\x12\x12\n\nkeep_graph\x18\x03 \x01(\x08\"v\n\x0f\x46orwardResponse\x12%\n\x07outputs\x18\x01 \x03(\x0b\x32\x14.gradserve.v1.Tensor\x12\x15\n\rreturns_tuple\x18\x02 \x01(\x08\x12\x0e\n\x06handle\x18\x03 \x01(\t\x12\x15\n\rhandle_ttl_ms\x18\x04 \x01(\x03\"\x9d\x01\n\x0f\x42\x61\x63kwardRequest\x12\x10\n\x08\x66unction\x18\x01 \x01(\t\x12\x10\n\x06handle\x18\x02 \x01(\tH\x00\x12,\n\trecompute\x18\x03 \x01(\x0b\x32\x17.gradserve.v1.ArgumentsH\x00\x12/\n\x0cgrad_outputs\x18\x04 \x03(\x0b\x32\x19.gradserve.v1.MaybeTensorB\x07\n\x05graph\"0\n\tArguments\x12#\n\x06values\x18\x01 \x03(\x0b\x32\x13.gradserve.v1.Value\"<\n\x10\x42\x61\x63kwardResponse\x12(\n\x05grads\x18\x01 \x03(\x0b\x32\x19.gradserve.v1.MaybeTensor\"~\n\x16\x46orwardBackwardRequest\x12\x10\n\x08\x66unction\x18\x01 \x01(\t\x12!\n\x04\x61rgs\x18\x02 \x03(\x0b\x32\x13.gradserve.v1.Value\x12/\n\x0cgrad_outputs\x18\x03 \x03(\x0b\x32\x19.gradserve.v1.MaybeTensor\"\x81\x01\n\x17\x46orwardBackwardResponse\x12%\n\x07outputs\x18\x01 \x03(\x0b\x32\x14.gradserve.v1.Tensor\x12\x15\n\rreturns_tuple\x18\x02 \x01(\x08\x12(\n\x05grads\x18\x03 \x03(\x0b\x32\x19.gradserve.v1.MaybeTensor*\xfa\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0e\n\nDTYPE_BOOL\x10\x01\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x02\x12\x0e\n\nDTYPE_INT8\x10\x03\x12\x0f\n\x0b\x44TYPE_INT16\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0f\n\x0b\x44TYPE_INT64\x10\x06\x12\x11\n\rDTYPE_FLOAT16\x10\x07\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x08\x12\x11\n\rDTYPE_FLOAT32\x10\t\x12\x11\n\rDTYPE_FLOAT64\x10\n\x12\x13\n\x0f\x44TYPE_COMPLEX64\x10\x0b\x12\x14\n\x10\x44TYPE_COMPLEX128\x10\x0c\x32\xde\x02\n\x0fGradientService\x12X\n\rListFunctions\x12\".gradserve.v1.ListFunctionsRequest\x1a#.gradserve.v1.ListFunctionsResponse\x12\x46\n\x07\x46orward\x12\x1c.gradserve.v1.ForwardRequest\x1a\x1d.gradserve.v1.ForwardResponse\x12I\n\x08\x42\x61\x63kward\x12\x1d.gradserve.v1.BackwardRequest\x1a\x1e.gradserve.v1.BackwardResponse\x12^\n\x0f\x46orwardBackward\x12$.gradserve.v1.ForwardBackwardRequest\x1a%.gradserve.v1.ForwardBackwardResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cgradserve/v1/gradserve.proto\x12\x0cgradserve.v1\x1a\x1cgoogle/protobuf/struct.proto\"`\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.gradserve.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x15\n\rrequires_grad\x18\x04 \x01(\x08\"\xc3\x01\n\x05Value\x12&\n\x06tensor\x18\x01 \x01(\x0b\x32\x14.gradserve.v1.TensorH\x00\x12\x14\n\nbool_value\x18\x02 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x03 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x04 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x05 \x01(\tH\x00\x12\x30\n\nnull_value\x18\x06 \x01(\x0e\x32\x1a.google.protobuf.NullValueH\x00\x42\x06\n\x04kind\"i\n\x0bMaybeTensor\x12&\n\x06tensor\x18\x01 \x01(\x0b\x32\x14.gradserve.v1.TensorH\x00\x12*\n\x04none\x18\x02 \x01(\x0e\x32\x1a.google.protobuf.NullValueH\x00\x42\x06\n\x04kind\"\x16\n\x14ListFunctionsRequest\"\x8c\x01\n\x0c\x46unctionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\nnum_inputs\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x0b\n\x03\x64oc\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x1a\n\x12unavailable_reason\x18\x06 \x01(\tB\r\n\x0b_num_inputs\"F\n\x15ListFunctionsResponse\x12-\n\tfunctions\x18\x01 \x03(\x0b\x32\x1a.gradserve.v1.FunctionInfo\"Y\n\x0e\x46orwardRequest\x12\x10\n\x08\x66unction\x18\x01 \x01(\t\x12!\n\x04\x61rgs\x18\x02 \x03(\x0b\x32\x13.gradserve.v1.Value\x12\x12\n\nkeep_graph\x18\x03 \x01(\x08\"\x87\x01\n\x0f\x46orwardResponse\x12%\n\x07outputs\x18\x01 \x03(\x0b\x32\x14.gradserve.v1.Tensor\x12\x15\n\rreturns_tuple\x18\x02 \x01(\x08\x12\x0e\n\x06handle\x18\x03 \x01(\t\x12\x15\n\rhandle_ttl_ms\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\t\"\xae\x01\n\x0f\x42\x61\x63kwardRequest\x12\x10\n\x08\x66unction\x18\x01 \x01(\t\x12\x10\n\x06handle\x18\x02 \x01(\tH\x00\x12,\n\trecompute\x18\x03 \x01(\x0b\x32\x17.gradserve.v1.ArgumentsH\x00\x12/\n\x0cgrad_outputs\x18\x04 \x03(\x0b\x32\x19.gradserve.v1.MaybeTensor\x12\x0f\n\x07version\x18\x05 \x01(\tB\x07\n\x05graph\"(\n\x15ReleaseHandlesRequest\x12\x0f\n\x07handles\x18\x01 \x03(\t\"*\n\x16ReleaseHandlesResponse\x12\x10\n\x08released\x18\x01 \x01(\x05\"0\n\tArguments\x12#\n\x06values\x18\x01 \x03(\x0b\x32\x13.gradserve.v1.Value\"<\n\x10\x42\x61\x63kwardResponse\x12(\n\x05grads\x18\x01 \x03(\x0b\x32\x19.gradserve.v1.MaybeTensor\"~\n\x16\x46orwardBackwardRequest\x12\x10\n\x08\x66unction\x18\x01 \x01(\t\x12!\n\x04\x61rgs\x18\x02 \x03(\x0b\x32\x13.gradserve.v1.Value\x12/\n\x0cgrad_outputs\x18\x03 \x03(\x0b\x32\x19.gradserve.v1.MaybeTensor\"\x81\x01\n\x17\x46orwardBackwardResponse\x12%\n\x07outputs\x18\x01 \x03(\x0b\x32\x14.gradserve.v1.Tensor\x12\x15\n\rreturns_tuple\x18\x02 \x01(\x08\x12(\n\x05grads\x18\x03 \x03(\x0b\x32\x19.gradserve.v1.MaybeTensor*\xfa\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0e\n\nDTYPE_BOOL\x10\x01\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x02\x12\x0e\n\nDTYPE_INT8\x10\x03\x12\x0f\n\x0b\x44TYPE_INT16\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0f\n\x0b\x44TYPE_INT64\x10\x06\x12\x11\n\rDTYPE_FLOAT16\x10\x07\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x08\x12\x11\n\rDTYPE_FLOAT32\x10\t\x12\x11\n\rDTYPE_FLOAT64\x10\n\x12\x13\n\x0f\x44TYPE_COMPLEX64\x10\x0b\x12\x14\n\x10\x44TYPE_COMPLEX128\x10\x0c\x32\xbb\x03\n\x0fGradientService\x12X\n\rListFunctions\x12\".gradserve.v1.ListFunctionsRequest\x1a#.gradserve.v1.ListFunctionsResponse\x12\x46\n\x07\x46orward\x12\x1c.gradserve.v1.ForwardRequest\x1a\x1d.gradserve.v1.ForwardResponse\x12I\n\x08\x42\x61\x63kward\x12\x1d.gradserve.v1.BackwardRequest\x1a\x1e.gradserve.v1.BackwardResponse\x12[\n\x0eReleaseHandles\x12#.gradserve.v1.ReleaseHandlesRequest\x1a$.gradserve.v1.ReleaseHandlesResponse\x12^\n\x0f\x46orwardBackward\x12$.gradserve.v1.ForwardBackwardRequest\x1a%.gradserve.v1.ForwardBackwardResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gradserve.v1.gradserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1462
-  _globals['_DTYPE']._serialized_end=1712
+  _globals['_DTYPE']._serialized_start=1583
+  _globals['_DTYPE']._serialized_end=1833
   _globals['_TENSOR']._serialized_start=76
   _globals['_TENSOR']._serialized_end=172
   _globals['_VALUE']._serialized_start=175
@@ -48,18 +48,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTFUNCTIONSRESPONSE']._serialized_end=716
   _globals['_FORWARDREQUEST']._serialized_start=718
   _globals['_FORWARDREQUEST']._serialized_end=807
-  _globals['_FORWARDRESPONSE']._serialized_start=809
-  _globals['_FORWARDRESPONSE']._serialized_end=927
-  _globals['_BACKWARDREQUEST']._serialized_start=930
-  _globals['_BACKWARDREQUEST']._serialized_end=1087
-  _globals['_ARGUMENTS']._serialized_start=1089
-  _globals['_ARGUMENTS']._serialized_end=1137
-  _globals['_BACKWARDRESPONSE']._serialized_start=1139
-  _globals['_BACKWARDRESPONSE']._serialized_end=1199
-  _globals['_FORWARDBACKWARDREQUEST']._serialized_start=1201
-  _globals['_FORWARDBACKWARDREQUEST']._serialized_end=1327
-  _globals['_FORWARDBACKWARDRESPONSE']._serialized_start=1330
-  _globals['_FORWARDBACKWARDRESPONSE']._serialized_end=1459
-  _globals['_GRADIENTSERVICE']._serialized_start=1715
-  _globals['_GRADIENTSERVICE']._serialized_end=2065
+  _globals['_FORWARDRESPONSE']._serialized_start=810
+  _globals['_FORWARDRESPONSE']._serialized_end=945
+  _globals['_BACKWARDREQUEST']._serialized_start=948
+  _globals['_BACKWARDREQUEST']._serialized_end=1122
+  _globals['_RELEASEHANDLESREQUEST']._serialized_start=1124
+  _globals['_RELEASEHANDLESREQUEST']._serialized_end=1164
+  _globals['_RELEASEHANDLESRESPONSE']._serialized_start=1166
+  _globals['_RELEASEHANDLESRESPONSE']._serialized_end=1208
+  _globals['_ARGUMENTS']._serialized_start=1210
+  _globals['_ARGUMENTS']._serialized_end=1258
+  _globals['_BACKWARDRESPONSE']._serialized_start=1260
+  _globals['_BACKWARDRESPONSE']._serialized_end=1320
+  _globals['_FORWARDBACKWARDREQUEST']._serialized_start=1322
+  _globals['_FORWARDBACKWARDREQUEST']._serialized_end=1448
+  _globals['_FORWARDBACKWARDRESPONSE']._serialized_start=1451
+  _globals['_FORWARDBACKWARDRESPONSE']._serialized_end=1580
+  _globals['_GRADIENTSERVICE']._serialized_start=1836
+  _globals['_GRADIENTSERVICE']._serialized_end=2279
 # @@protoc_insertion_point(module_scope)

@@ -110,28 +110,44 @@ class ForwardRequest(_message.Message):
     def __init__(self, function: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., keep_graph: _Optional[bool] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("outputs", "returns_tuple", "handle", "handle_ttl_ms")
+    __slots__ = ("outputs", "returns_tuple", "handle", "handle_ttl_ms", "version")
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     RETURNS_TUPLE_FIELD_NUMBER: _ClassVar[int]
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     HANDLE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
     returns_tuple: bool
     handle: str
     handle_ttl_ms: int
-    def __init__(self, outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., returns_tuple: _Optional[bool] = ..., handle: _Optional[str] = ..., handle_ttl_ms: _Optional[int] = ...) -> None: ...
+    version: str
+    def __init__(self, outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., returns_tuple: _Optional[bool] = ..., handle: _Optional[str] = ..., handle_ttl_ms: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("function", "handle", "recompute", "grad_outputs")
+    __slots__ = ("function", "handle", "recompute", "grad_outputs", "version")
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     RECOMPUTE_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     function: str
     handle: str
     recompute: Arguments
     grad_outputs: _containers.RepeatedCompositeFieldContainer[MaybeTensor]
-    def __init__(self, function: _Optional[str] = ..., handle: _Optional[str] = ..., recompute: _Optional[_Union[Arguments, _Mapping]] = ..., grad_outputs: _Optional[_Iterable[_Union[MaybeTensor, _Mapping]]] = ...) -> None: ...
+    version: str
+    def __init__(self, function: _Optional[str] = ..., handle: _Optional[str] = ..., recompute: _Optional[_Union[Arguments, _Mapping]] = ..., grad_outputs: _Optional[_Iterable[_Union[MaybeTensor, _Mapping]]] = ..., version: _Optional[str] = ...) -> None: ...
+
+class ReleaseHandlesRequest(_message.Message):
+    __slots__ = ("handles",)
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
+    handles: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, handles: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReleaseHandlesResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    def __init__(self, released: _Optional[int] = ...) -> None: ...
 
 class Arguments(_message.Message):
     __slots__ = ("values",)

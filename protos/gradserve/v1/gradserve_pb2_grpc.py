@@ -50,6 +50,11 @@ class GradientServiceStub:
                 request_serializer=gradserve_dot_v1_dot_gradserve__pb2.BackwardRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.BackwardResponse.FromString,
                 _registered_method=True)
+        self.ReleaseHandles = channel.unary_unary(
+                '/gradserve.v1.GradientService/ReleaseHandles',
+                request_serializer=gradserve_dot_v1_dot_gradserve__pb2.ReleaseHandlesRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ReleaseHandlesResponse.FromString,
+                _registered_method=True)
         self.ForwardBackward = channel.unary_unary(
                 '/gradserve.v1.GradientService/ForwardBackward',
                 request_serializer=gradserve_dot_v1_dot_gradserve__pb2.ForwardBackwardRequest.SerializeToString,
@@ -103,10 +108,23 @@ class GradientServiceServicer:
         HANDLE_NOT_FOUND): send the arguments instead;
         INVALID_ARGUMENT   grad_outputs whose count, shape or dtype does not match
         the outputs;
+        FAILED_PRECONDITION `version` names another version of the Function than the
+        one served now (reason VERSION_MISMATCH): never a new
+        backward on an old forward;
         FAILED_PRECONDITION the Function's backward raised or returned the wrong
         number, shape or dtype of gradients (reason FUNCTION_ERROR),
         or with --check-finite a gradient holds NaN or Inf
         (reason NON_FINITE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseHandles(self, request, context):
+        """Frees kept graphs early, for a forward whose backward will never come (the
+        client calls it when the outputs are garbage-collected). Unknown handles are
+        ignored, so it is safe to repeat.
+        Status codes: OK.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,6 +155,11 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.Backward,
                     request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.BackwardRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_gradserve__pb2.BackwardResponse.SerializeToString,
+            ),
+            'ReleaseHandles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseHandles,
+                    request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ReleaseHandlesRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradserve__pb2.ReleaseHandlesResponse.SerializeToString,
             ),
             'ForwardBackward': grpc.unary_unary_rpc_method_handler(
                     servicer.ForwardBackward,
@@ -226,6 +249,33 @@ class GradientService:
             '/gradserve.v1.GradientService/Backward',
             gradserve_dot_v1_dot_gradserve__pb2.BackwardRequest.SerializeToString,
             gradserve_dot_v1_dot_gradserve__pb2.BackwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseHandles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/ReleaseHandles',
+            gradserve_dot_v1_dot_gradserve__pb2.ReleaseHandlesRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradserve__pb2.ReleaseHandlesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -81,10 +81,19 @@ class GradientServiceStub:
                          HANDLE_NOT_FOUND): send the arguments instead;
       INVALID_ARGUMENT   grad_outputs whose count, shape or dtype does not match
                          the outputs;
+      FAILED_PRECONDITION `version` names another version of the Function than the
+                         one served now (reason VERSION_MISMATCH): never a new
+                         backward on an old forward;
       FAILED_PRECONDITION the Function's backward raised or returned the wrong
                          number, shape or dtype of gradients (reason FUNCTION_ERROR),
                          or with --check-finite a gradient holds NaN or Inf
                          (reason NON_FINITE).
+    """
+    ReleaseHandles: _grpc.UnaryUnaryMultiCallable[_gradserve_pb2.ReleaseHandlesRequest, _gradserve_pb2.ReleaseHandlesResponse]
+    """Frees kept graphs early, for a forward whose backward will never come (the
+    client calls it when the outputs are garbage-collected). Unknown handles are
+    ignored, so it is safe to repeat.
+    Status codes: OK.
     """
     ForwardBackward: _grpc.UnaryUnaryMultiCallable[_gradserve_pb2.ForwardBackwardRequest, _gradserve_pb2.ForwardBackwardResponse]
     """Forward and backward in one round trip; keeps no state on the server.
@@ -130,10 +139,19 @@ class GradientServiceAsyncStub(GradientServiceStub):
                          HANDLE_NOT_FOUND): send the arguments instead;
       INVALID_ARGUMENT   grad_outputs whose count, shape or dtype does not match
                          the outputs;
+      FAILED_PRECONDITION `version` names another version of the Function than the
+                         one served now (reason VERSION_MISMATCH): never a new
+                         backward on an old forward;
       FAILED_PRECONDITION the Function's backward raised or returned the wrong
                          number, shape or dtype of gradients (reason FUNCTION_ERROR),
                          or with --check-finite a gradient holds NaN or Inf
                          (reason NON_FINITE).
+    """
+    ReleaseHandles: _aio.UnaryUnaryMultiCallable[_gradserve_pb2.ReleaseHandlesRequest, _gradserve_pb2.ReleaseHandlesResponse]  # type: ignore[assignment]
+    """Frees kept graphs early, for a forward whose backward will never come (the
+    client calls it when the outputs are garbage-collected). Unknown handles are
+    ignored, so it is safe to repeat.
+    Status codes: OK.
     """
     ForwardBackward: _aio.UnaryUnaryMultiCallable[_gradserve_pb2.ForwardBackwardRequest, _gradserve_pb2.ForwardBackwardResponse]  # type: ignore[assignment]
     """Forward and backward in one round trip; keeps no state on the server.
@@ -194,10 +212,25 @@ class GradientServiceServicer(metaclass=_abc_1.ABCMeta):
                              HANDLE_NOT_FOUND): send the arguments instead;
           INVALID_ARGUMENT   grad_outputs whose count, shape or dtype does not match
                              the outputs;
+          FAILED_PRECONDITION `version` names another version of the Function than the
+                             one served now (reason VERSION_MISMATCH): never a new
+                             backward on an old forward;
           FAILED_PRECONDITION the Function's backward raised or returned the wrong
                              number, shape or dtype of gradients (reason FUNCTION_ERROR),
                              or with --check-finite a gradient holds NaN or Inf
                              (reason NON_FINITE).
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseHandles(
+        self,
+        request: _gradserve_pb2.ReleaseHandlesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gradserve_pb2.ReleaseHandlesResponse, _abc.Awaitable[_gradserve_pb2.ReleaseHandlesResponse]]:
+        """Frees kept graphs early, for a forward whose backward will never come (the
+        client calls it when the outputs are garbage-collected). Unknown handles are
+        ignored, so it is safe to repeat.
+        Status codes: OK.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,122 @@
+"""The handle store: forward graphs kept for a later backward, bounded by count, bytes and lifetime."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ._errors import HandleNotFound
+from ._registry import RegisteredFunction
+
+__all__ = ["Graph", "HandleStore"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Graph:
+    """One kept forward: the device arguments (leaves) and outputs that hold the autograd graph.
+
+    ``nbytes`` counts the tensors of the arguments and outputs, in bytes: a lower bound
+    of what the graph holds (tensors a Function saves internally are not visible).
+    """
+
+    function: RegisteredFunction
+    args: list[Any]
+    outputs: tuple[torch.Tensor, ...]
+    nbytes: int = field(init=False)
+    expires_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        tensors = [a for a in self.args if isinstance(a, torch.Tensor)] + list(self.outputs)
+        self.nbytes = sum(t.numel() * t.element_size() for t in tensors)
+
+
+class HandleStore:
+    """Kept graphs by handle. Thread-safe.
+
+    Parameters
+    ----------
+    max_handles
+        Most graphs kept; beyond it the least recently used is evicted.
+    max_bytes
+        Most bytes kept (sum of ``Graph.nbytes``); beyond it the least recently used
+        graphs are evicted. A single graph over the cap is not kept at all.
+    ttl_s
+        Seconds a graph lives without a backward.
+    """
+
+    def __init__(self, max_handles: int, max_bytes: int, ttl_s: float) -> None:
+        self.max_handles = max_handles
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self.evictions = 0  # evicted for count or bytes, or expired
+        self._graphs: OrderedDict[str, Graph] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def put(self, graph: Graph) -> str | None:
+        """Keep ``graph``; return its handle, or None when it alone is over ``max_bytes``."""
+        if graph.nbytes > self.max_bytes:
+            log.info("not keeping a %d-byte graph of %s: over --max-handle-bytes=%d", graph.nbytes, graph.function.name, self.max_bytes)
+            return None
+        handle = secrets.token_urlsafe(18)
+        graph.expires_at = time.monotonic() + self.ttl_s
+        with self._lock:
+            self._expire_locked()
+            self._graphs[handle] = graph
+            self._bytes += graph.nbytes
+            while len(self._graphs) > self.max_handles or self._bytes > self.max_bytes:
+                evicted, old = self._graphs.popitem(last=False)
+                self._bytes -= old.nbytes
+                self.evictions += 1
+                log.info("evicted graph handle %s… of %s (least recently used)", evicted[:6], old.function.name)
+        return handle
+
+    def peek(self, handle: str) -> Graph:
+        """The graph under ``handle``, marked as recently used; raises :class:`HandleNotFound`."""
+        with self._lock:
+            self._expire_locked()
+            graph = self._graphs.get(handle)
+            if graph is None:
+                raise HandleNotFound(
+                    f"graph handle {handle[:6]!r}… is unknown, expired, evicted or already used; "
+                    "send the arguments again to recompute"
+                )
+            self._graphs.move_to_end(handle)
+            return graph
+
+    def release(self, handles: Iterable[str]) -> int:
+        """Forget these handles; returns how many were still held."""
+        released = 0
+        with self._lock:
+            for handle in handles:
+                graph = self._graphs.pop(handle, None)
+                if graph is not None:
+                    self._bytes -= graph.nbytes
+                    released += 1
+        return released
+
+    def stats(self) -> tuple[int, int]:
+        """(entries, bytes) held now, after dropping expired graphs."""
+        with self._lock:
+            self._expire_locked()
+            return len(self._graphs), self._bytes
+
+    def __len__(self) -> int:
+        return self.stats()[0]
+
+    def _expire_locked(self) -> None:
+        now = time.monotonic()
+        expired = [h for h, g in self._graphs.items() if g.expires_at <= now]
+        for h in expired:
+            self._bytes -= self._graphs.pop(h).nbytes
+            self.evictions += 1

@@ -1,0 +1,80 @@
+"""Prometheus metrics of one server (prometheus-client), in a registry of its own."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from ._runtime import Runtime
+
+__all__ = ["Metrics"]
+
+# Latency buckets in seconds: 0.5 ms (a small call on loopback) to 60 s (large tensors).
+_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    """Request counts, latencies, bytes, calls in flight, handle store and device memory.
+
+    Names follow Prometheus conventions (base units: seconds, bytes; ``_total`` counters).
+    Each instance has its own ``CollectorRegistry``, so several servers can live in one
+    process (tests).
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("gradserve_requests", "Calls by function, method and status code.",
+                                ["function", "method", "code"], registry=r)
+        self.latency = Histogram("gradserve_request_duration_seconds", "Call latency in seconds.",
+                                 ["function", "method"], buckets=_BUCKETS_S, registry=r)
+        self.bytes_in = Counter("gradserve_request_bytes", "Request message bytes received.", ["method"], registry=r)
+        self.bytes_out = Counter("gradserve_response_bytes", "Response message bytes sent.", ["method"], registry=r)
+        self.in_flight = Gauge("gradserve_calls_in_flight", "Calls being served now.", registry=r)
+        handles = runtime.handles
+        Gauge("gradserve_handles", "Forward graphs kept for a later backward.", registry=r).set_function(
+            lambda: handles.stats()[0]
+        )
+        Gauge("gradserve_handle_bytes", "Bytes of tensors held by kept graphs (a lower bound).", registry=r).set_function(
+            lambda: handles.stats()[1]
+        )
+        Gauge("gradserve_handle_evictions", "Kept graphs evicted (LRU or expired) so far.", registry=r).set_function(
+            lambda: handles.evictions
+        )
+        device = runtime.device
+        Gauge("gradserve_device_memory_bytes", "Memory allocated by torch on the serving device (CUDA only; 0 on CPU).",
+              registry=r).set_function(lambda: torch.cuda.memory_allocated(device) if device.type == "cuda" else 0)
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        """Count a call in flight for the duration of the block."""
+        self.in_flight.inc()
+        try:
+            yield
+        finally:
+            self.in_flight.dec()
+
+    def observe(self, function: str, method: str, code: str, duration_s: float, bytes_in: int, bytes_out: int) -> None:
+        """Record one finished call."""
+        self.requests.labels(function, method, code).inc()
+        self.latency.labels(function, method).observe(duration_s)
+        self.bytes_in.labels(method).inc(bytes_in)
+        self.bytes_out.labels(method).inc(bytes_out)
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Expose ``/metrics`` on ``host:port`` (0 picks a free port); returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return server.server_address[1]
+
+    def stop(self) -> None:
+        """Stop the HTTP endpoint, if started."""
+        http = getattr(self, "_http", None)
+        if http is not None:
+            http.shutdown()
+            http.server_close()
