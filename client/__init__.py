@@ -12,6 +12,7 @@ Example::
         print(y.item(), x.grad.item())     # 1.0 2.0
 """
 
+from ._aio import AsyncGradientClient
 from ._client import GradientClient
 from ._errors import (
     CancelledError,
@@ -31,6 +32,7 @@ from ._errors import (
 from ._messages import ForwardBackwardResult, FunctionInfo
 
 __all__ = [
+    "AsyncGradientClient",
     "CancelledError",
     "DeadlineExceededError",
     "ForwardBackwardResult",

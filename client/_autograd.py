@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,9 @@ class RemoteFunction(torch.autograd.Function):
         result = client._forward_keep(name, args, requires_grad, timeout)
         ctx.set_materialize_grads(False)  # None, not zeros, for outputs that got no gradient
         ctx.client, ctx.name, ctx.timeout = client, name, timeout
-        ctx.forwarded, ctx.arg_requires_grad = result, requires_grad
+        # Without the outputs: they hold this node as grad_fn, a cycle through C++ that
+        # the garbage collector cannot see (it would leak the graph and its handle).
+        ctx.forwarded, ctx.arg_requires_grad = dataclasses.replace(result, outputs=()), requires_grad
         ctx.tensor_positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
         ctx.scalars = [None if isinstance(a, torch.Tensor) else a for a in args]
         ctx.save_for_backward(*(args[i] for i in ctx.tensor_positions))
@@ -50,5 +53,5 @@ class RemoteFunction(torch.autograd.Function):
         grads = ctx.client._backward(ctx.name, forwarded, args, ctx.arg_requires_grad, grad_outputs, ctx.timeout)
         if forwarded.handle:
             ctx.release.detach()  # the server freed it with the backward
-            ctx.forwarded = type(forwarded)(**{**forwarded.__dict__, "handle": ""})  # a second backward recomputes
+            ctx.forwarded = dataclasses.replace(forwarded, handle="")  # a second backward recomputes
         return (None, None, None, *grads)

@@ -13,12 +13,15 @@ from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 from . import _messages as m
+from . import streaming
 from ._errors import HandleNotFoundError, from_rpc_error
 from ._messages import ChannelSettings, ForwardBackwardResult, Forwarded, FunctionInfo, Outputs
 
 __all__ = ["GradientClient"]
 
 log = logging.getLogger(__name__)
+
+_UNARY = {"forward": "Forward", "backward": "Backward", "forward_backward": "ForwardBackward"}
 
 
 class GradientClient:
@@ -43,6 +46,10 @@ class GradientClient:
         gRPC channel options, overriding the defaults (see :class:`ChannelSettings`).
     channel
         Use this channel instead of opening one; the client does not close it.
+    stream_threshold_bytes
+        Calls whose tensors total more than this many bytes go through the chunked
+        ``StreamCall`` RPC (no size ceiling, about one copy of memory per side);
+        smaller ones are single messages. Default 1 MiB.
 
     Tensors may come on any device and in any supported dtype; outputs come back on
     the device of the first tensor argument (CPU when there is none) and gradients on
@@ -66,19 +73,16 @@ class GradientClient:
         token: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
         channel: grpc.Channel | None = None,
+        stream_threshold_bytes: int = streaming.CHUNK_BYTES,
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self.stream_threshold_bytes = stream_threshold_bytes
         self._settings = ChannelSettings(tls, root_certificates, private_key, certificate_chain, token, options)
         self._owns_channel = channel is None
-        if channel is None:
-            opts = self._settings.channel_options()
-            if self._settings.secure:
-                channel = grpc.secure_channel(target, self._settings.credentials(), options=opts)
-            else:
-                channel = grpc.insecure_channel(target, options=opts)
-        self._channel = channel
+        self._channel = channel or self._settings.open_channel(target, grpc)
         self._stub = pb_grpc.GradientServiceStub(self._channel)
+        self._releasing: set[grpc.Future] = set()
 
     def close(self) -> None:
         """Close the channel (if this client opened it). Calls in flight are cancelled."""
@@ -114,8 +118,9 @@ class GradientClient:
             Shaped like the Function's return; on the first tensor argument's device;
             detached (use :meth:`function` to join your autograd graph).
         """
-        response = self._call(self._stub.Forward, m.forward_request(name, args), timeout)
-        return m.decode_outputs(response.outputs, response.returns_tuple, args)
+        payloads = self._payloads(args)
+        response, incoming = self._invoke("forward", m.forward_request(name, args, payloads), payloads, timeout)
+        return m.decode_outputs(response.outputs, response.returns_tuple, args, incoming)
 
     def forward_backward(
         self,
@@ -142,8 +147,11 @@ class GradientClient:
         ForwardBackwardResult
             ``.outputs`` as :meth:`forward`; ``.grads`` aligned with ``args``.
         """
-        request = m.forward_backward_request(name, args, grad_outputs)
-        return m.forward_backward_result(self._call(self._stub.ForwardBackward, request, timeout), args)
+        grad_outputs = m.as_grad_outputs(grad_outputs)
+        payloads = self._payloads(args, grad_outputs)
+        request = m.forward_backward_request(name, args, grad_outputs, payloads)
+        response, incoming = self._invoke("forward_backward", request, payloads, timeout)
+        return m.forward_backward_result(response, args, incoming)
 
     def function(self, name: str, *, timeout: float | None = None) -> Callable[..., Outputs]:
         """A callable running the remote Function as one differentiable step of your graph.
@@ -169,11 +177,11 @@ class GradientClient:
     # -- used by the autograd step ---------------------------------------------------
 
     def _forward_keep(self, name: str, args: Sequence[Any], requires_grad: Sequence[bool], timeout: float | None) -> Forwarded:
-        request = pb.ForwardRequest(function=name, args=m.encode_args(args, requires_grad), keep_graph=any(requires_grad))
-        response = self._call(self._stub.Forward, request, timeout)
-        outputs = m.decode_outputs(response.outputs, True, args)
-        return Forwarded(outputs, response.returns_tuple, tuple(t.requires_grad for t in response.outputs),
-                         response.handle, response.version)
+        payloads = self._payloads(args)
+        values = m.encode_args(args, requires_grad, payloads)
+        request = pb.ForwardRequest(function=name, args=values, keep_graph=any(requires_grad))
+        response, incoming = self._invoke("forward", request, payloads, timeout)
+        return m.forwarded(response, args, incoming)
 
     def _backward(
         self,
@@ -184,23 +192,58 @@ class GradientClient:
         grad_outputs: Sequence[torch.Tensor | None],
         timeout: float | None,
     ) -> tuple[torch.Tensor | None, ...]:
-        encoded = m.encode_grad_outputs(grad_outputs)
-        common = {"function": name, "grad_outputs": encoded, "version": forwarded.version}
         if forwarded.handle:
+            payloads = self._payloads(grad_outputs)
+            request = pb.BackwardRequest(
+                function=name, handle=forwarded.handle, version=forwarded.version,
+                grad_outputs=m.encode_grad_outputs(grad_outputs, payloads),
+            )
             try:
-                request = pb.BackwardRequest(handle=forwarded.handle, **common)
-                return m.decode_grads(self._call(self._stub.Backward, request, timeout).grads, args)
+                response, incoming = self._invoke("backward", request, payloads, timeout)
+                return m.decode_grads(response.grads, args, incoming)
             except HandleNotFoundError:
                 pass  # the graph is gone: recompute below, the caller sees no error
-        request = pb.BackwardRequest(recompute=pb.Arguments(values=m.encode_args(args, requires_grad)), **common)
-        return m.decode_grads(self._call(self._stub.Backward, request, timeout).grads, args)
+        payloads = self._payloads(args, grad_outputs)
+        recompute = pb.Arguments(values=m.encode_args(args, requires_grad, payloads))  # slot order: before grad_outputs
+        request = pb.BackwardRequest(
+            function=name, recompute=recompute, version=forwarded.version,
+            grad_outputs=m.encode_grad_outputs(grad_outputs, payloads),
+        )
+        response, incoming = self._invoke("backward", request, payloads, timeout)
+        return m.decode_grads(response.grads, args, incoming)
+
+    def _payloads(self, *groups: Sequence[Any]) -> list[torch.Tensor] | None:
+        return m.payload_list(self.stream_threshold_bytes, *groups)
+
+    def _invoke(self, kind: str, request: Any, payloads: list[torch.Tensor] | None, timeout: float | None) -> tuple[Any, Any]:
+        """Send ``request`` unary, or streamed when ``payloads`` holds its tensor bytes.
+
+        Returns the response and, for a streamed call, an iterator of the response's tensor bytes.
+        """
+        if payloads is None:
+            return self._call(getattr(self._stub, _UNARY[kind]), request, timeout), None
+        try:
+            responses = self._stub.StreamCall(
+                m.stream_requests(kind, request, payloads),
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._settings.metadata(),
+            )
+            header, assembler = m.read_stream_header(next(responses, None), kind)
+            for message in responses:
+                assembler.feed(message.data)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return header, assembler.payloads()
 
     def _release(self, handle: str) -> None:
         """Free a kept graph without waiting; safe from a finalizer and if the client is closed."""
         try:
-            self._stub.ReleaseHandles.future(
+            future = self._stub.ReleaseHandles.future(
                 pb.ReleaseHandlesRequest(handles=[handle]), timeout=5, metadata=self._settings.metadata()
             )
+            # gRPC cancels a call whose future is garbage-collected: hold it until done.
+            self._releasing.add(future)
+            future.add_done_callback(self._releasing.discard)
         except Exception as exc:  # noqa: BLE001 - best effort: the server's TTL frees it anyway
             log.debug("could not release graph handle: %s", exc)
 

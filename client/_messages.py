@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +12,7 @@ import torch
 
 from gradserve.v1 import gradserve_pb2 as pb
 
-from . import codec
+from . import codec, streaming
 
 __all__ = ["ChannelSettings", "ForwardBackwardResult", "FunctionInfo", "Outputs"]
 
@@ -80,6 +80,12 @@ class ChannelSettings:
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
 
+    def open_channel(self, target: str, api: Any = grpc) -> Any:
+        """A channel to ``target`` from ``api``: ``grpc`` (sync) or ``grpc.aio`` (asyncio)."""
+        if self.secure:
+            return api.secure_channel(target, self.credentials(), options=self.channel_options())
+        return api.insecure_channel(target, options=self.channel_options())
+
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
@@ -143,35 +149,51 @@ class Forwarded:
 
 # -- requests ------------------------------------------------------------------------------
 
+Payloads = list[torch.Tensor] | None
+"""Tensor bytes sent outside the message (StreamCall), or None to send them inline."""
 
-def encode_args(args: Sequence[Any], requires_grad: Sequence[bool] | None = None) -> list[pb.Value]:
+
+def payload_list(threshold_bytes: int, *groups: Sequence[Any]) -> Payloads:
+    """A list to collect tensor bytes in when the tensors of ``groups`` total more than
+    ``threshold_bytes`` (the call is then streamed), else None (a unary call)."""
+    total = sum(t.numel() * t.element_size() for group in groups for t in group if isinstance(t, torch.Tensor))
+    return [] if total > threshold_bytes else None
+
+
+def encode_args(args: Sequence[Any], requires_grad: Sequence[bool] | None = None, payloads: Payloads = None) -> list[pb.Value]:
     """Positional arguments as Values; ``requires_grad`` overrides each tensor's own flag."""
     if requires_grad is None:
-        return [codec.encode_value(a) for a in args]
+        return [codec.encode_value(a, payloads=payloads) for a in args]
     return [
-        pb.Value(tensor=codec.encode_tensor(a, requires_grad=rg)) if isinstance(a, torch.Tensor) else codec.encode_value(a)
+        pb.Value(tensor=codec.encode_tensor(a, requires_grad=rg, payloads=payloads))
+        if isinstance(a, torch.Tensor)
+        else codec.encode_value(a)
         for a, rg in zip(args, requires_grad)
     ]
 
 
-def encode_grad_outputs(grad_outputs: torch.Tensor | Sequence[torch.Tensor | None] | None) -> list[pb.MaybeTensor]:
-    """Cotangents as MaybeTensors; a bare tensor stands for a one-output Function's."""
+def as_grad_outputs(grad_outputs: torch.Tensor | Sequence[torch.Tensor | None] | None) -> Sequence[torch.Tensor | None]:
+    """A bare tensor stands for a one-output Function's cotangent; None for none given."""
     if grad_outputs is None:
-        return []
-    if isinstance(grad_outputs, torch.Tensor):
-        grad_outputs = (grad_outputs,)
-    return [codec.encode_maybe_tensor(g) for g in grad_outputs]
+        return ()
+    return (grad_outputs,) if isinstance(grad_outputs, torch.Tensor) else grad_outputs
 
 
-def forward_request(name: str, args: Sequence[Any]) -> pb.ForwardRequest:
+def encode_grad_outputs(grad_outputs: Sequence[torch.Tensor | None], payloads: Payloads = None) -> list[pb.MaybeTensor]:
+    return [codec.encode_maybe_tensor(g, payloads=payloads) for g in grad_outputs]
+
+
+def forward_request(name: str, args: Sequence[Any], payloads: Payloads = None) -> pb.ForwardRequest:
     """A plain forward: no gradients wanted, so the server records no graph."""
-    return pb.ForwardRequest(function=name, args=encode_args(args, [False] * len(args)))
+    return pb.ForwardRequest(function=name, args=encode_args(args, [False] * len(args), payloads))
 
 
 def forward_backward_request(
-    name: str, args: Sequence[Any], grad_outputs: torch.Tensor | Sequence[torch.Tensor | None] | None
+    name: str, args: Sequence[Any], grad_outputs: Sequence[torch.Tensor | None], payloads: Payloads = None
 ) -> pb.ForwardBackwardRequest:
-    return pb.ForwardBackwardRequest(function=name, args=encode_args(args), grad_outputs=encode_grad_outputs(grad_outputs))
+    # Slot order: args (field 2) are encoded before grad_outputs (field 3).
+    values = encode_args(args, payloads=payloads)
+    return pb.ForwardBackwardRequest(function=name, args=values, grad_outputs=encode_grad_outputs(grad_outputs, payloads))
 
 
 # -- replies ---------------------------------------------------------------------------------
@@ -182,31 +204,64 @@ def home_device(args: Sequence[Any]) -> torch.device:
     return next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
 
 
-def decode_outputs(messages: Sequence[pb.Tensor], returns_tuple: bool, args: Sequence[Any]) -> Outputs:
+def decode_outputs(
+    messages: Sequence[pb.Tensor], returns_tuple: bool, args: Sequence[Any], payloads: Iterator[torch.Tensor] | None = None
+) -> Outputs:
     """Outputs on the caller's device, shaped like the Function's return."""
     device = home_device(args)
-    outputs = tuple(codec.decode_tensor(m, what=f"output {i}").to(device) for i, m in enumerate(messages))
+    outputs = tuple(
+        codec.decode_tensor(m, what=f"output {i}", payloads=payloads).to(device) for i, m in enumerate(messages)
+    )
     return outputs if returns_tuple else outputs[0]
 
 
-def decode_grads(messages: Sequence[pb.MaybeTensor], args: Sequence[Any]) -> tuple[torch.Tensor | None, ...]:
+def decode_grads(
+    messages: Sequence[pb.MaybeTensor], args: Sequence[Any], payloads: Iterator[torch.Tensor] | None = None
+) -> tuple[torch.Tensor | None, ...]:
     """Gradients aligned with ``args``, each on its argument's device and dtype."""
     if len(messages) != len(args):
         raise codec.CodecError(f"server sent {len(messages)} gradients for {len(args)} arguments")
     grads: list[torch.Tensor | None] = []
     for i, (m, arg) in enumerate(zip(messages, args)):
-        g = codec.decode_maybe_tensor(m, what=f"gradient {i}")
+        g = codec.decode_maybe_tensor(m, what=f"gradient {i}", payloads=payloads)
         if g is not None and isinstance(arg, torch.Tensor):
             g = g.to(device=arg.device, dtype=arg.dtype)
         grads.append(g)
     return tuple(grads)
 
 
-def forward_backward_result(response: pb.ForwardBackwardResponse, args: Sequence[Any]) -> ForwardBackwardResult:
+def forward_backward_result(
+    response: pb.ForwardBackwardResponse, args: Sequence[Any], payloads: Iterator[torch.Tensor] | None = None
+) -> ForwardBackwardResult:
     return ForwardBackwardResult(
-        outputs=decode_outputs(response.outputs, response.returns_tuple, args),
-        grads=decode_grads(response.grads, args),
+        outputs=decode_outputs(response.outputs, response.returns_tuple, args, payloads),
+        grads=decode_grads(response.grads, args, payloads),
     )
+
+
+def forwarded(response: pb.ForwardResponse, args: Sequence[Any], payloads: Iterator[torch.Tensor] | None = None) -> Forwarded:
+    return Forwarded(
+        outputs=decode_outputs(response.outputs, True, args, payloads),
+        returns_tuple=response.returns_tuple,
+        differentiable=tuple(t.requires_grad for t in response.outputs),
+        handle=response.handle,
+        version=response.version,
+    )
+
+
+def stream_requests(kind: str, header: Any, payloads: list[torch.Tensor]) -> Iterator[pb.StreamRequest]:
+    """A StreamCall's messages: the header, then the payloads in chunks."""
+    yield pb.StreamRequest(**{kind: header})
+    for chunk in streaming.chunks(payloads):
+        yield pb.StreamRequest(data=chunk)
+
+
+def read_stream_header(first: pb.StreamResponse | None, kind: str) -> tuple[Any, streaming.Assembler]:
+    """The response header of a StreamCall, and an assembler for its data chunks."""
+    if first is None or first.WhichOneof("part") != kind:
+        raise codec.CodecError(f"StreamCall: expected a {kind} header first, got {first and first.WhichOneof('part')}")
+    header = getattr(first, kind)
+    return header, streaming.Assembler(header, what=f"{kind} response")
 
 
 def function_infos(response: pb.ListFunctionsResponse) -> list[FunctionInfo]:

@@ -11,6 +11,7 @@ calls ``torch.load``. Every dtype round-trips bit-exactly (NaN payloads, +-Inf a
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ __all__ = [
     "encode_tensor",
     "encode_value",
     "tensor_nbytes",
+    "wire_bytes",
 ]
 
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
@@ -87,18 +89,23 @@ def tensor_nbytes(msg: pb.Tensor, *, what: str = "tensor") -> int:
         name = "DTYPE_UNSPECIFIED" if msg.dtype == pb.DTYPE_UNSPECIFIED else f"unknown value {msg.dtype}"
         expected = ", ".join(pb.DType.Name(v) for v in sorted(WIRE_TO_DTYPE))
         raise CodecError(f"{what}: dtype is {name}; expected one of {expected}")
-    numel = 1
+    numel, span = 1, 1
     for dim in msg.shape:
         if dim < 0:
             raise CodecError(f"{what}: shape {list(msg.shape)} has a negative dimension")
         numel *= dim  # Python ints: no overflow while we check
+        span *= max(dim, 1)
     itemsize = dtype.itemsize
     if numel * itemsize > _INT64_MAX:
         raise TensorTooLarge(f"{what}: shape {list(msg.shape)} has {numel} elements, over the int64 limit")
+    if span * itemsize > _INT64_MAX:  # even with zero elements, torch's strides would overflow
+        raise CodecError(f"{what}: shape {list(msg.shape)} overflows int64 strides, though it has {numel} elements")
     return numel * itemsize
 
 
-def decode_tensor(msg: pb.Tensor, *, max_bytes: int | None = None, what: str = "tensor") -> torch.Tensor:
+def decode_tensor(
+    msg: pb.Tensor, *, max_bytes: int | None = None, what: str = "tensor", payloads: Iterator[torch.Tensor] | None = None
+) -> torch.Tensor:
     """Decode a ``gradserve.v1.Tensor`` into a new CPU tensor it owns.
 
     Parameters
@@ -109,6 +116,9 @@ def decode_tensor(msg: pb.Tensor, *, max_bytes: int | None = None, what: str = "
         Largest accepted data size in bytes; ``None`` for no limit.
     what
         How error messages name the tensor, e.g. ``"square argument 0"``.
+    payloads
+        For streaming: the tensor's wire bytes are the next item (a uint8 CPU tensor
+        the stream filled, used without a copy); ``msg.data`` must be empty.
 
     Returns
     -------
@@ -131,21 +141,35 @@ def decode_tensor(msg: pb.Tensor, *, max_bytes: int | None = None, what: str = "
         raise TensorTooLarge(
             f"{what}: {_dtype_name(dtype)} tensor of shape {shape} is {nbytes} bytes, over the limit of {max_bytes} bytes"
         )
-    if len(msg.data) != nbytes:
-        raise CodecError(
-            f"{what}: {_dtype_name(dtype)} tensor of shape {shape} needs {nbytes} bytes of data, got {len(msg.data)}"
-        )
+    raw = next(payloads) if payloads is not None else None
+    got = len(msg.data) + (raw.numel() if raw is not None else 0)
+    if got != nbytes:
+        raise CodecError(f"{what}: {_dtype_name(dtype)} tensor of shape {shape} needs {nbytes} bytes of data, got {got}")
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    # One copy into memory the tensor owns: the protobuf bytes are immutable and a
-    # Function may write to its inputs in place.
-    raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)
+    if raw is None:
+        # One copy into memory the tensor owns: the protobuf bytes are immutable and a
+        # Function may write to its inputs in place.
+        raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)
     if dtype is torch.bool and bool((raw > 1).any()):
         raise CodecError(f"{what}: bool tensor holds a byte other than 0 or 1")
     return raw.view(dtype).reshape(shape)
 
 
-def encode_tensor(tensor: Any, *, requires_grad: bool | None = None) -> pb.Tensor:
+def wire_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's wire bytes: a C-contiguous uint8 CPU tensor in logical order (a view when possible).
+
+    One device-to-host transfer for a CUDA tensor; no copy for a contiguous CPU tensor.
+    """
+    flat = tensor.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
+    if flat.numel() and flat.stride(0) != 1:  # size-1 dims count as contiguous at any stride
+        flat = flat.clone(memory_format=torch.contiguous_format)
+    return flat.view(torch.uint8)
+
+
+def encode_tensor(
+    tensor: Any, *, requires_grad: bool | None = None, payloads: list[torch.Tensor] | None = None
+) -> pb.Tensor:
     """Encode a tensor (any device, any layout, any strides) as a ``gradserve.v1.Tensor``.
 
     Parameters
@@ -155,6 +179,9 @@ def encode_tensor(tensor: Any, *, requires_grad: bool | None = None) -> pb.Tenso
         strides allowed). Non-contiguous inputs are sent in logical order.
     requires_grad
         Value of the message's ``requires_grad``; defaults to ``tensor.requires_grad``.
+    payloads
+        For streaming: leave ``data`` empty and append the wire bytes (see
+        :func:`wire_bytes`) to this list instead, so they are never copied into a message.
 
     Raises
     ------
@@ -170,11 +197,13 @@ def encode_tensor(tensor: Any, *, requires_grad: bool | None = None) -> pb.Tenso
         raise CodecError(f"dtype {tensor.dtype} cannot be sent; supported: {', '.join(map(_dtype_name, DTYPE_TO_WIRE))}")
     if requires_grad is None:
         requires_grad = tensor.requires_grad
-    flat = tensor.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
-    if flat.numel() and flat.stride(0) != 1:  # size-1 dims count as contiguous at any stride
-        flat = flat.clone(memory_format=torch.contiguous_format)
-    data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-    return pb.Tensor(dtype=wire, shape=tensor.shape, data=data, requires_grad=requires_grad)
+    raw = wire_bytes(tensor)
+    msg = pb.Tensor(dtype=wire, shape=tensor.shape, requires_grad=requires_grad)
+    if payloads is not None:
+        payloads.append(raw)
+    elif raw.numel():
+        msg.data = raw.numpy().tobytes()
+    return msg
 
 
 def _from_numpy(array: Any) -> torch.Tensor:
@@ -185,8 +214,10 @@ def _from_numpy(array: Any) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def encode_value(value: Any) -> pb.Value:
+def encode_value(value: Any, *, payloads: list[torch.Tensor] | None = None) -> pb.Value:
     """Encode one positional argument: a tensor (or numpy array), bool, int, float, str or None.
+
+    ``payloads`` is passed to :func:`encode_tensor`.
 
     Raises
     ------
@@ -206,16 +237,23 @@ def encode_value(value: Any) -> pb.Value:
     if value is None:
         return pb.Value(null_value=struct_pb2.NULL_VALUE)
     if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
-        return pb.Value(tensor=encode_tensor(value))
+        return pb.Value(tensor=encode_tensor(value, payloads=payloads))
     raise CodecError(
         f"arguments must be tensors, numpy arrays, bool, int, float, str or None; got {type(value).__name__}"
     )
 
 
-def decode_value(msg: pb.Value, *, max_tensor_bytes: int | None = None, what: str = "argument") -> Any:
+def decode_value(
+    msg: pb.Value,
+    *,
+    max_tensor_bytes: int | None = None,
+    what: str = "argument",
+    payloads: Iterator[torch.Tensor] | None = None,
+) -> Any:
     """Decode one positional argument; a tensor comes back as in :func:`decode_tensor`.
 
     A tensor's ``requires_grad`` is applied, so it arrives as a CPU leaf that requires grad.
+    ``payloads`` is passed to :func:`decode_tensor`.
 
     Raises
     ------
@@ -225,7 +263,7 @@ def decode_value(msg: pb.Value, *, max_tensor_bytes: int | None = None, what: st
     """
     kind = msg.WhichOneof("kind")
     if kind == "tensor":
-        tensor = decode_tensor(msg.tensor, max_bytes=max_tensor_bytes, what=what)
+        tensor = decode_tensor(msg.tensor, max_bytes=max_tensor_bytes, what=what, payloads=payloads)
         if msg.tensor.requires_grad:
             if not (tensor.is_floating_point() or tensor.is_complex()):
                 raise CodecError(
@@ -241,15 +279,19 @@ def decode_value(msg: pb.Value, *, max_tensor_bytes: int | None = None, what: st
     return getattr(msg, kind)
 
 
-def encode_maybe_tensor(tensor: torch.Tensor | None) -> pb.MaybeTensor:
+def encode_maybe_tensor(tensor: torch.Tensor | None, *, payloads: list[torch.Tensor] | None = None) -> pb.MaybeTensor:
     """Encode a gradient or grad_output; ``None`` becomes the explicit ``none``, never zeros."""
     if tensor is None:
         return pb.MaybeTensor(none=struct_pb2.NULL_VALUE)
-    return pb.MaybeTensor(tensor=encode_tensor(tensor, requires_grad=False))
+    return pb.MaybeTensor(tensor=encode_tensor(tensor, requires_grad=False, payloads=payloads))
 
 
 def decode_maybe_tensor(
-    msg: pb.MaybeTensor, *, max_bytes: int | None = None, what: str = "tensor"
+    msg: pb.MaybeTensor,
+    *,
+    max_bytes: int | None = None,
+    what: str = "tensor",
+    payloads: Iterator[torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
     """Decode a ``MaybeTensor``: a CPU tensor, or ``None`` for ``none``.
 
@@ -257,7 +299,7 @@ def decode_maybe_tensor(
     """
     kind = msg.WhichOneof("kind")
     if kind == "tensor":
-        return decode_tensor(msg.tensor, max_bytes=max_bytes, what=what)
+        return decode_tensor(msg.tensor, max_bytes=max_bytes, what=what, payloads=payloads)
     if kind == "none":
         return None
     raise CodecError(f"{what}: empty MaybeTensor; expected a tensor or none")

@@ -25,6 +25,7 @@ class ServerConfig:
     functions: tuple[str, ...] = field(default=())
     device: str = "auto"
     max_workers: int = 16
+    intra_op_threads: int = 0
     max_request_bytes: int = 256 * MiB
     max_tensor_bytes: int = 256 * MiB
     max_handles: int = 1024
@@ -49,7 +50,9 @@ _HELP = {
     "port": "TCP port; 0 picks a free one (it is logged)",
     "functions": "module that registers Functions; repeatable. Default: gradserve.server.examples",
     "device": "auto (CUDA when present, else CPU), cpu, cuda or cuda:N",
-    "max_workers": "calls run at once (threads)",
+    "max_workers": "forward/backward computations run at once; more calls wait, while health and "
+    "ListFunctions still answer",
+    "intra_op_threads": "torch intra-op threads; 0 = the CPU quota of this container (cgroup), not the host's core count",
     "max_request_bytes": "largest request message, in bytes; larger ones get RESOURCE_EXHAUSTED",
     "max_tensor_bytes": "largest single tensor, in bytes; checked before allocation",
     "max_handles": "most forward graphs kept for a later backward (least recently used evicted)",

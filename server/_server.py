@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import signal
 import threading
 import time
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -30,6 +33,29 @@ __all__ = ["RunningServer", "create_server", "serve"]
 log = logging.getLogger("gradserve.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
+_SPARE_THREADS = 32
+
+
+def cpu_quota() -> int:
+    """CPUs this process may use: the cgroup CPU quota (v2 or v1) and the affinity mask, at least 1.
+
+    A container limited to 2 CPUs on a 64-core host gets 2, so torch does not start 64
+    intra-op threads that fight over 2 CPUs.
+    """
+    limits = [len(os.sched_getaffinity(0))] if hasattr(os, "sched_getaffinity") else [os.cpu_count() or 1]
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            limits.append(math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        try:
+            quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+            period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            if quota_us > 0:
+                limits.append(math.ceil(quota_us / period_us))
+        except (OSError, ValueError):
+            pass
+    return max(1, min(limits))
 
 
 @dataclass
@@ -111,7 +137,8 @@ def create_server(config: ServerConfig, registry: Registry | None = None) -> Run
     credentials = _credentials(config)
     tokens = load_tokens(config.auth_tokens, config.auth_tokens_file)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="gradserve"),
+        # Threads beyond the compute slots keep health, ListFunctions and queued calls moving.
+        futures.ThreadPoolExecutor(max_workers=config.max_workers + _SPARE_THREADS, thread_name_prefix="gradserve"),
         interceptors=[TokenAuthInterceptor(tokens)] if tokens else [],
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
@@ -119,7 +146,9 @@ def create_server(config: ServerConfig, registry: Registry | None = None) -> Run
             ("grpc.so_reuseport", 0),
         ],
     )
-    servicer = GradientServicer(max_tensor_bytes=config.max_tensor_bytes)
+    servicer = GradientServicer(
+        max_tensor_bytes=config.max_tensor_bytes, max_request_bytes=config.max_request_bytes, max_concurrent=config.max_workers
+    )
     pb_grpc.add_GradientServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -183,6 +212,8 @@ def serve(config: ServerConfig) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    torch.set_num_threads(config.intra_op_threads or cpu_quota())
+    log.info("torch intra-op threads: %d", torch.get_num_threads())
     running = create_server(config)
     print(f"gradserve listening on {config.host}:{running.port}", flush=True)
     stop.wait()

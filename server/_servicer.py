@@ -7,18 +7,23 @@ INTERNAL, with the traceback only in the server log.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+import torch
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from gradserve.client import codec
+from gradserve.client import codec, streaming
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
@@ -53,6 +58,16 @@ def _classify(exc: Exception) -> tuple[grpc.StatusCode, str, str]:
     return grpc.StatusCode.INTERNAL, "INTERNAL", ""
 
 
+class _Call(threading.local):
+    """What the running RPC's log line and metrics need; a streamed call fills it in as it learns."""
+
+    function = ""
+    bytes_in = 0
+
+
+_call = _Call()
+
+
 def _rpc(method: Callable[[Any, Any, grpc.ServicerContext], R]) -> Callable[[Any, Any, grpc.ServicerContext], R]:
     """Run one RPC: refuse it while loading, count and log it, turn exceptions into a status."""
 
@@ -60,7 +75,8 @@ def _rpc(method: Callable[[Any, Any, grpc.ServicerContext], R]) -> Callable[[Any
     def wrapper(self: GradientServicer, request: Any, context: grpc.ServicerContext) -> R:
         metadata = dict(context.invocation_metadata() or ())
         request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex[:12])[:64]
-        function = getattr(request, "function", "")
+        _call.function = getattr(request, "function", "")
+        _call.bytes_in = request.ByteSize() if isinstance(request, Message) else 0
         start = time.perf_counter()
         code, response = grpc.StatusCode.OK, None
         try:
@@ -72,25 +88,48 @@ def _rpc(method: Callable[[Any, Any, grpc.ServicerContext], R]) -> Callable[[Any
         except Exception as exc:
             code, reason, message = _classify(exc)
             if code is grpc.StatusCode.INTERNAL:
-                log.exception("request %s: internal error in %s(%s)", request_id, method.__name__, function)
+                log.exception("request %s: internal error in %s(%s)", request_id, method.__name__, _call.function)
                 message = f"internal server error (request id {request_id}; details in the server log)"
             _abort(context, code, reason, message)
             raise  # unreachable: abort raises
         finally:
             duration_s = time.perf_counter() - start
             if self.metrics is not None:
-                out = response.ByteSize() if response is not None else 0
-                self.metrics.observe(function, method.__name__, code.name, duration_s, request.ByteSize(), out)
-            fields = {"request_id": request_id, "method": method.__name__, "function": function,
+                out = response.ByteSize() if isinstance(response, Message) else getattr(response, "nbytes", 0)
+                self.metrics.observe(_call.function, method.__name__, code.name, duration_s, _call.bytes_in, out)
+            fields = {"request_id": request_id, "method": method.__name__, "function": _call.function,
                       "code": code.name, "duration_ms": round(1e3 * duration_s, 3), "peer": context.peer()}
             log.info("request=%s method=%s function=%s code=%s duration_ms=%.2f", request_id, method.__name__,
-                     function, code.name, fields["duration_ms"], extra=fields)
+                     _call.function, code.name, fields["duration_ms"], extra=fields)
 
     return wrapper
 
 
 class _Loading(GradServeServerError):
     code, reason = "UNAVAILABLE", "LOADING"
+
+
+@dataclass
+class _Payloads:
+    """Tensor bytes travelling outside the messages (StreamCall); both None for a unary call."""
+
+    incoming: Iterator[torch.Tensor] | None = None
+    outgoing: list[torch.Tensor] | None = None
+
+
+class _StreamedReply:
+    """A StreamCall's answer: the header, then the data chunks."""
+
+    def __init__(self, header: pb.StreamResponse, payloads: list[torch.Tensor]) -> None:
+        self.nbytes = header.ByteSize() + sum(p.numel() for p in payloads)
+        chunks = (pb.StreamResponse(data=c) for c in streaming.chunks(payloads))
+        self._messages = itertools.chain([header], chunks)
+
+    def __iter__(self) -> Iterator[pb.StreamResponse]:
+        return self
+
+    def __next__(self) -> pb.StreamResponse:
+        return next(self._messages)
 
 
 class GradientServicer(pb_grpc.GradientServiceServicer):
@@ -103,12 +142,21 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     ----------
     max_tensor_bytes
         Largest single tensor accepted, in bytes (RESOURCE_EXHAUSTED above it).
+    max_request_bytes
+        Largest total of a streamed request's tensors, in bytes (unary requests are
+        capped by gRPC's own message limit, set to the same value).
+    max_concurrent
+        Forward/backward computations at once; further calls wait for a slot.
     """
 
-    def __init__(self, *, max_tensor_bytes: int | None = None) -> None:
+    def __init__(
+        self, *, max_tensor_bytes: int | None = None, max_request_bytes: int | None = None, max_concurrent: int = 16
+    ) -> None:
         self.runtime: Runtime | None = None
         self.metrics: Metrics | None = None
         self.max_tensor_bytes = max_tensor_bytes
+        self.max_request_bytes = max_request_bytes
+        self._compute = threading.BoundedSemaphore(max_concurrent)
 
     def attach(self, runtime: Runtime, metrics: Metrics) -> None:
         """Start serving ``runtime``, recording into ``metrics``."""
@@ -133,44 +181,20 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
 
     @_rpc
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
-        self.runtime.function(request.function)  # NOT_FOUND before decoding any tensor
-        args = self._decode_args(request.function, request.args)
-        result = self.runtime.forward(
-            request.function, args, keep_graph=request.keep_graph, is_active=context.is_active
-        )
-        return pb.ForwardResponse(
-            outputs=_encode_outputs(result),
-            returns_tuple=result.returns_tuple,
-            handle=result.handle or "",
-            handle_ttl_ms=int(self.runtime.handles.ttl_s * 1000) if result.handle else 0,
-            version=result.version,
-        )
+        with self._compute:
+            return self._forward(request, context, _Payloads())
 
     @_rpc
     def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext) -> pb.BackwardResponse:
-        self.runtime.function(request.function)
-        grad_outputs = self._decode_grad_outputs(request.function, request.grad_outputs)
-        source = request.WhichOneof("graph")
-        if source == "handle":
-            grads = self.runtime.backward(
-                request.function,
-                handle=request.handle,
-                grad_outputs=grad_outputs,
-                version=request.version,
-                is_active=context.is_active,
-            )
-        elif source == "recompute":
-            args = self._decode_args(request.function, request.recompute.values)
-            grads = self.runtime.backward(
-                request.function,
-                args=args,
-                grad_outputs=grad_outputs,
-                version=request.version,
-                is_active=context.is_active,
-            )
-        else:
-            raise codec.CodecError(f"{request.function} backward: set either handle or recompute")
-        return pb.BackwardResponse(grads=[codec.encode_maybe_tensor(g) for g in grads])
+        with self._compute:
+            return self._backward(request, context, _Payloads())
+
+    @_rpc
+    def ForwardBackward(
+        self, request: pb.ForwardBackwardRequest, context: grpc.ServicerContext
+    ) -> pb.ForwardBackwardResponse:
+        with self._compute:
+            return self._forward_backward(request, context, _Payloads())
 
     @_rpc
     def ReleaseHandles(
@@ -179,33 +203,90 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         return pb.ReleaseHandlesResponse(released=self.runtime.handles.release(request.handles))
 
     @_rpc
-    def ForwardBackward(
-        self, request: pb.ForwardBackwardRequest, context: grpc.ServicerContext
-    ) -> pb.ForwardBackwardResponse:
-        self.runtime.function(request.function)
-        args = self._decode_args(request.function, request.args)
-        grad_outputs = self._decode_grad_outputs(request.function, request.grad_outputs)
-        result, grads = self.runtime.forward_backward(request.function, args, grad_outputs, context.is_active)
-        return pb.ForwardBackwardResponse(
-            outputs=_encode_outputs(result),
+    def StreamCall(self, request_iterator: Iterator[pb.StreamRequest], context: grpc.ServicerContext) -> _StreamedReply:
+        first = next(request_iterator, None)
+        kind = first.WhichOneof("part") if first is not None else None
+        if kind not in ("forward", "backward", "forward_backward"):
+            raise codec.CodecError(f"StreamCall: the first message must be a header (forward, backward or forward_backward), got {kind}")
+        header = getattr(first, kind)
+        _call.function = header.function
+        self.runtime.function(header.function)  # NOT_FOUND before receiving any data
+        assembler = streaming.Assembler(
+            header, max_tensor_bytes=self.max_tensor_bytes, max_total_bytes=self.max_request_bytes, what=header.function
+        )
+        for message in request_iterator:
+            if message.WhichOneof("part") != "data":
+                raise codec.CodecError(f"StreamCall {header.function}: only data chunks may follow the header")
+            assembler.feed(message.data)
+        _call.bytes_in = first.ByteSize() + sum(assembler.sizes)
+        payloads = _Payloads(incoming=assembler.payloads(), outgoing=[])
+        handler = {"forward": self._forward, "backward": self._backward, "forward_backward": self._forward_backward}[kind]
+        with self._compute:  # taken after the upload: receiving is network-bound
+            response = handler(header, context, payloads)
+        return _StreamedReply(pb.StreamResponse(**{kind: response}), payloads.outgoing)
+
+    # -- one implementation per operation, for unary and streamed calls ------------------
+
+    def _forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext, io: _Payloads) -> pb.ForwardResponse:
+        self.runtime.function(request.function)  # NOT_FOUND before decoding any tensor
+        args = self._decode_args(request.function, request.args, io)
+        result = self.runtime.forward(request.function, args, keep_graph=request.keep_graph, is_active=context.is_active)
+        return pb.ForwardResponse(
+            outputs=_encode_outputs(result, io),
             returns_tuple=result.returns_tuple,
-            grads=[codec.encode_maybe_tensor(g) for g in grads],
+            handle=result.handle or "",
+            handle_ttl_ms=int(self.runtime.handles.ttl_s * 1000) if result.handle else 0,
+            version=result.version,
         )
 
-    def _decode_args(self, function: str, values: Any) -> list[Any]:
+    def _backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext, io: _Payloads) -> pb.BackwardResponse:
+        self.runtime.function(request.function)
+        source = request.WhichOneof("graph")
+        if source is None:
+            raise codec.CodecError(f"{request.function} backward: set either handle or recompute")
+        # Slot order: recompute arguments (field 3) before grad_outputs (field 4).
+        args = self._decode_args(request.function, request.recompute.values, io) if source == "recompute" else None
+        grads = self.runtime.backward(
+            request.function,
+            handle=request.handle if source == "handle" else None,
+            args=args,
+            grad_outputs=self._decode_grad_outputs(request.function, request.grad_outputs, io),
+            version=request.version,
+            is_active=context.is_active,
+        )
+        return pb.BackwardResponse(grads=[codec.encode_maybe_tensor(g, payloads=io.outgoing) for g in grads])
+
+    def _forward_backward(
+        self, request: pb.ForwardBackwardRequest, context: grpc.ServicerContext, io: _Payloads
+    ) -> pb.ForwardBackwardResponse:
+        self.runtime.function(request.function)
+        args = self._decode_args(request.function, request.args, io)
+        grad_outputs = self._decode_grad_outputs(request.function, request.grad_outputs, io)
+        result, grads = self.runtime.forward_backward(request.function, args, grad_outputs, context.is_active)
+        return pb.ForwardBackwardResponse(
+            outputs=_encode_outputs(result, io),
+            returns_tuple=result.returns_tuple,
+            grads=[codec.encode_maybe_tensor(g, payloads=io.outgoing) for g in grads],
+        )
+
+    def _decode_args(self, function: str, values: Any, io: _Payloads) -> list[Any]:
         return [
-            codec.decode_value(v, max_tensor_bytes=self.max_tensor_bytes, what=f"{function} argument {i}")
+            codec.decode_value(v, max_tensor_bytes=self.max_tensor_bytes, what=f"{function} argument {i}", payloads=io.incoming)
             for i, v in enumerate(values)
         ]
 
-    def _decode_grad_outputs(self, function: str, values: Any) -> list[Any] | None:
+    def _decode_grad_outputs(self, function: str, values: Any, io: _Payloads) -> list[Any] | None:
         if not values:
             return None
         return [
-            codec.decode_maybe_tensor(v, max_bytes=self.max_tensor_bytes, what=f"{function} grad_outputs[{i}]")
+            codec.decode_maybe_tensor(
+                v, max_bytes=self.max_tensor_bytes, what=f"{function} grad_outputs[{i}]", payloads=io.incoming
+            )
             for i, v in enumerate(values)
         ]
 
 
-def _encode_outputs(result: ForwardResult) -> list[pb.Tensor]:
-    return [codec.encode_tensor(o, requires_grad=d) for o, d in zip(result.outputs, result.differentiable)]
+def _encode_outputs(result: ForwardResult, io: _Payloads) -> list[pb.Tensor]:
+    return [
+        codec.encode_tensor(o, requires_grad=d, payloads=io.outgoing) for o, d in zip(result.outputs, result.differentiable)
+    ]

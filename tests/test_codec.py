@@ -111,6 +111,7 @@ def test_every_proto_dtype_has_a_codec_entry() -> None:
         (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1024, 1024, 2], data=b"\0" * 8), "needs 8388608 bytes of data, got 8"),
         (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2**40, 2**40], data=b""), "over the int64 limit"),
         (pb.Tensor(dtype=pb.DTYPE_BOOL, shape=[2], data=b"\x01\x07"), "other than 0 or 1"),
+        (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[0, 2**31, 2**40], data=b""), "overflows int64 strides"),  # found by the fuzz
     ],
 )
 def test_malformed_tensors_are_rejected(msg: pb.Tensor, needle: str) -> None:

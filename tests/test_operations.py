@@ -83,8 +83,9 @@ def test_metrics_count_calls_by_code() -> None:
             client.forward_backward("square", torch.tensor([1.0], requires_grad=True))
             with pytest.raises(Exception):
                 client.forward("nope", torch.ones(1))
-            client.function("square")(torch.ones(3, requires_grad=True))  # keeps a graph
-        body = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10).read().decode()
+            kept = client.function("square")(torch.ones(3, requires_grad=True))  # keeps a graph while alive
+            body = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10).read().decode()
+            del kept
     finally:
         running.stop(0)
     assert 'gradserve_requests_total{code="OK",function="square",method="ForwardBackward"} 1.0' in body
@@ -248,3 +249,30 @@ def test_version_mismatch_is_failed_precondition() -> None:
     finally:
         server_old.stop(0)
         server_new.stop(0)
+
+
+def test_health_and_list_answer_while_compute_is_saturated() -> None:
+    running = create_server(ServerConfig(port=0, device="cpu", max_workers=2), registry)
+    target = f"127.0.0.1:{running.port}"
+    try:
+        with GradientClient(target, timeout=30) as client:
+            busy = [threading.Thread(target=client.forward, args=("slow_square", torch.ones(1), 1.5)) for _ in range(6)]
+            for t in busy:
+                t.start()
+            time.sleep(0.3)  # all compute slots taken, four calls queued
+            start = time.monotonic()
+            assert health_status(target) == SERVING
+            assert "square" in {f.name for f in client.list_functions(timeout=2)}
+            assert time.monotonic() - start < 1.0
+            for t in busy:
+                t.join(timeout=30)
+    finally:
+        running.stop(0)
+
+
+def test_cpu_quota_is_at_least_one_and_at_most_the_affinity() -> None:
+    import os
+
+    from gradserve.server._server import cpu_quota
+
+    assert 1 <= cpu_quota() <= len(os.sched_getaffinity(0))

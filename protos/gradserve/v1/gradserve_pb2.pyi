@@ -180,3 +180,27 @@ class ForwardBackwardResponse(_message.Message):
     returns_tuple: bool
     grads: _containers.RepeatedCompositeFieldContainer[MaybeTensor]
     def __init__(self, outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., returns_tuple: _Optional[bool] = ..., grads: _Optional[_Iterable[_Union[MaybeTensor, _Mapping]]] = ...) -> None: ...
+
+class StreamRequest(_message.Message):
+    __slots__ = ("forward", "backward", "forward_backward", "data")
+    FORWARD_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    forward: ForwardRequest
+    backward: BackwardRequest
+    forward_backward: ForwardBackwardRequest
+    data: bytes
+    def __init__(self, forward: _Optional[_Union[ForwardRequest, _Mapping]] = ..., backward: _Optional[_Union[BackwardRequest, _Mapping]] = ..., forward_backward: _Optional[_Union[ForwardBackwardRequest, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class StreamResponse(_message.Message):
+    __slots__ = ("forward", "backward", "forward_backward", "data")
+    FORWARD_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    forward: ForwardResponse
+    backward: BackwardResponse
+    forward_backward: ForwardBackwardResponse
+    data: bytes
+    def __init__(self, forward: _Optional[_Union[ForwardResponse, _Mapping]] = ..., backward: _Optional[_Union[BackwardResponse, _Mapping]] = ..., forward_backward: _Optional[_Union[ForwardBackwardResponse, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...

@@ -50,6 +50,11 @@ class GradientServiceStub:
                 request_serializer=gradserve_dot_v1_dot_gradserve__pb2.BackwardRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.BackwardResponse.FromString,
                 _registered_method=True)
+        self.StreamCall = channel.stream_stream(
+                '/gradserve.v1.GradientService/StreamCall',
+                request_serializer=gradserve_dot_v1_dot_gradserve__pb2.StreamRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.StreamResponse.FromString,
+                _registered_method=True)
         self.ReleaseHandles = channel.unary_unary(
                 '/gradserve.v1.GradientService/ReleaseHandles',
                 request_serializer=gradserve_dot_v1_dot_gradserve__pb2.ReleaseHandlesRequest.SerializeToString,
@@ -120,6 +125,25 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamCall(self, request_iterator, context):
+        """Forward, Backward or ForwardBackward for payloads too large for one message
+        (gRPC message limits, protobuf's 2 GiB ceiling), and faster than one big
+        message above about a megabyte. The client sends a header, the request with
+        every Tensor's `data` left empty, then `data` chunks: the tensors' bytes
+        concatenated in the order the Tensors appear in the header (depth-first,
+        fields in field-number order: arguments, then grad_outputs). The server
+        answers the same way: the response header, then its tensors' bytes (outputs,
+        then gradients). Chunks may be of any size; 1 MiB is a good one. The total
+        of the declared tensor sizes is checked against the server's request limit
+        before anything is allocated.
+        Status codes: those of the RPC the header names; INVALID_ARGUMENT when the
+        first message is not a header, or the data does not add up to the declared
+        sizes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReleaseHandles(self, request, context):
         """Frees kept graphs early, for a forward whose backward will never come (the
         client calls it when the outputs are garbage-collected). Unknown handles are
@@ -155,6 +179,11 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.Backward,
                     request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.BackwardRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_gradserve__pb2.BackwardResponse.SerializeToString,
+            ),
+            'StreamCall': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamCall,
+                    request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.StreamRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradserve__pb2.StreamResponse.SerializeToString,
             ),
             'ReleaseHandles': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseHandles,
@@ -249,6 +278,33 @@ class GradientService:
             '/gradserve.v1.GradientService/Backward',
             gradserve_dot_v1_dot_gradserve__pb2.BackwardRequest.SerializeToString,
             gradserve_dot_v1_dot_gradserve__pb2.BackwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamCall(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gradserve.v1.GradientService/StreamCall',
+            gradserve_dot_v1_dot_gradserve__pb2.StreamRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradserve__pb2.StreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -89,6 +89,21 @@ class GradientServiceStub:
                          or with --check-finite a gradient holds NaN or Inf
                          (reason NON_FINITE).
     """
+    StreamCall: _grpc.StreamStreamMultiCallable[_gradserve_pb2.StreamRequest, _gradserve_pb2.StreamResponse]
+    """Forward, Backward or ForwardBackward for payloads too large for one message
+    (gRPC message limits, protobuf's 2 GiB ceiling), and faster than one big
+    message above about a megabyte. The client sends a header, the request with
+    every Tensor's `data` left empty, then `data` chunks: the tensors' bytes
+    concatenated in the order the Tensors appear in the header (depth-first,
+    fields in field-number order: arguments, then grad_outputs). The server
+    answers the same way: the response header, then its tensors' bytes (outputs,
+    then gradients). Chunks may be of any size; 1 MiB is a good one. The total
+    of the declared tensor sizes is checked against the server's request limit
+    before anything is allocated.
+    Status codes: those of the RPC the header names; INVALID_ARGUMENT when the
+    first message is not a header, or the data does not add up to the declared
+    sizes.
+    """
     ReleaseHandles: _grpc.UnaryUnaryMultiCallable[_gradserve_pb2.ReleaseHandlesRequest, _gradserve_pb2.ReleaseHandlesResponse]
     """Frees kept graphs early, for a forward whose backward will never come (the
     client calls it when the outputs are garbage-collected). Unknown handles are
@@ -146,6 +161,21 @@ class GradientServiceAsyncStub(GradientServiceStub):
                          number, shape or dtype of gradients (reason FUNCTION_ERROR),
                          or with --check-finite a gradient holds NaN or Inf
                          (reason NON_FINITE).
+    """
+    StreamCall: _aio.StreamStreamMultiCallable[_gradserve_pb2.StreamRequest, _gradserve_pb2.StreamResponse]  # type: ignore[assignment]
+    """Forward, Backward or ForwardBackward for payloads too large for one message
+    (gRPC message limits, protobuf's 2 GiB ceiling), and faster than one big
+    message above about a megabyte. The client sends a header, the request with
+    every Tensor's `data` left empty, then `data` chunks: the tensors' bytes
+    concatenated in the order the Tensors appear in the header (depth-first,
+    fields in field-number order: arguments, then grad_outputs). The server
+    answers the same way: the response header, then its tensors' bytes (outputs,
+    then gradients). Chunks may be of any size; 1 MiB is a good one. The total
+    of the declared tensor sizes is checked against the server's request limit
+    before anything is allocated.
+    Status codes: those of the RPC the header names; INVALID_ARGUMENT when the
+    first message is not a header, or the data does not add up to the declared
+    sizes.
     """
     ReleaseHandles: _aio.UnaryUnaryMultiCallable[_gradserve_pb2.ReleaseHandlesRequest, _gradserve_pb2.ReleaseHandlesResponse]  # type: ignore[assignment]
     """Frees kept graphs early, for a forward whose backward will never come (the
@@ -219,6 +249,27 @@ class GradientServiceServicer(metaclass=_abc_1.ABCMeta):
                              number, shape or dtype of gradients (reason FUNCTION_ERROR),
                              or with --check-finite a gradient holds NaN or Inf
                              (reason NON_FINITE).
+        """
+
+    @_abc_1.abstractmethod
+    def StreamCall(
+        self,
+        request_iterator: _MaybeAsyncIterator[_gradserve_pb2.StreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gradserve_pb2.StreamResponse], _abc.AsyncIterator[_gradserve_pb2.StreamResponse]]:
+        """Forward, Backward or ForwardBackward for payloads too large for one message
+        (gRPC message limits, protobuf's 2 GiB ceiling), and faster than one big
+        message above about a megabyte. The client sends a header, the request with
+        every Tensor's `data` left empty, then `data` chunks: the tensors' bytes
+        concatenated in the order the Tensors appear in the header (depth-first,
+        fields in field-number order: arguments, then grad_outputs). The server
+        answers the same way: the response header, then its tensors' bytes (outputs,
+        then gradients). Chunks may be of any size; 1 MiB is a good one. The total
+        of the declared tensor sizes is checked against the server's request limit
+        before anything is allocated.
+        Status codes: those of the RPC the header names; INVALID_ARGUMENT when the
+        first message is not a header, or the data does not add up to the declared
+        sizes.
         """
 
     @_abc_1.abstractmethod

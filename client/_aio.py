@@ -1,0 +1,114 @@
+"""``AsyncGradientClient``: the client for asyncio code (grpc.aio), with the same calls as ``GradientClient``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+import torch
+
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+
+from . import _messages as m
+from . import streaming
+from ._errors import from_rpc_error
+from ._messages import ChannelSettings, ForwardBackwardResult, FunctionInfo, Outputs
+
+__all__ = ["AsyncGradientClient"]
+
+_UNARY = {"forward": "Forward", "forward_backward": "ForwardBackward"}
+
+
+class AsyncGradientClient:
+    """Async client of a gradserve server: ``await client.forward_backward(...)``.
+
+    Parameters, devices, dtypes and errors are those of
+    :class:`gradserve.client.GradientClient`. It offers ``list_functions``,
+    ``forward`` and ``forward_backward``; ``function`` (the differentiable step) needs
+    torch's synchronous ``backward`` and lives on the sync client only. Use it as
+    ``async with AsyncGradientClient(target) as client:``, inside a running event loop.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        token: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        stream_threshold_bytes: int = streaming.CHUNK_BYTES,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.stream_threshold_bytes = stream_threshold_bytes
+        self._settings = ChannelSettings(tls, root_certificates, private_key, certificate_chain, token, options)
+        self._channel = self._settings.open_channel(target, grpc.aio)
+        self._stub = pb_grpc.GradientServiceStub(self._channel)
+
+    async def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncGradientClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def list_functions(self, *, timeout: float | None = None) -> list[FunctionInfo]:
+        """As :meth:`GradientClient.list_functions`."""
+        return m.function_infos(await self._call(self._stub.ListFunctions, pb.ListFunctionsRequest(), timeout))
+
+    async def forward(self, name: str, *args: Any, timeout: float | None = None) -> Outputs:
+        """As :meth:`GradientClient.forward`."""
+        payloads = m.payload_list(self.stream_threshold_bytes, args)
+        response, incoming = await self._invoke("forward", m.forward_request(name, args, payloads), payloads, timeout)
+        return m.decode_outputs(response.outputs, response.returns_tuple, args, incoming)
+
+    async def forward_backward(
+        self,
+        name: str,
+        *args: Any,
+        grad_outputs: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+        timeout: float | None = None,
+    ) -> ForwardBackwardResult:
+        """As :meth:`GradientClient.forward_backward`."""
+        grad_outputs = m.as_grad_outputs(grad_outputs)
+        payloads = m.payload_list(self.stream_threshold_bytes, args, grad_outputs)
+        request = m.forward_backward_request(name, args, grad_outputs, payloads)
+        response, incoming = await self._invoke("forward_backward", request, payloads, timeout)
+        return m.forward_backward_result(response, args, incoming)
+
+    async def _invoke(self, kind: str, request: Any, payloads: list[torch.Tensor] | None, timeout: float | None) -> tuple[Any, Any]:
+        if payloads is None:
+            return await self._call(getattr(self._stub, _UNARY[kind]), request, timeout), None
+        try:
+            call = self._stub.StreamCall(
+                m.stream_requests(kind, request, payloads),
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._settings.metadata(),
+            )
+            assembler = None
+            async for message in call:  # (grpc.aio forbids mixing read() with async for)
+                if assembler is None:
+                    header, assembler = m.read_stream_header(message, kind)
+                else:
+                    assembler.feed(message.data)
+            if assembler is None:
+                header, assembler = m.read_stream_header(None, kind)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return header, assembler.payloads()
+
+    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._settings.metadata())
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None

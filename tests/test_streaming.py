@@ -1,0 +1,177 @@
+"""Large tensors: chunked StreamCall, bit-exact with checksums; malformed streams; the async client."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import torch
+
+from gradserve.client import AsyncGradientClient, GradientClient, InvalidArgumentError, ResourceExhaustedError, codec, streaming
+from gradserve.server import RunningServer, ServerConfig, create_server, registry
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+
+MiB = 1 << 20
+
+
+def digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(codec.wire_bytes(t).numpy().tobytes()).hexdigest()
+
+
+def random_bits(nbytes: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g).view(dtype)
+
+
+@pytest.fixture(scope="module")
+def target(server: RunningServer) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex64, torch.int64])
+def test_large_tensors_round_trip_bit_exactly(target: str, dtype: torch.dtype) -> None:
+    x = random_bits(6 * MiB, dtype).reshape(-1, 4)  # over 4 MiB and over the 1 MiB streaming threshold
+    with GradientClient(target, timeout=60) as client:
+        y = client.forward("identity", x)
+    assert y.dtype == dtype and y.shape == x.shape and digest(y) == digest(x)
+
+
+def test_streamed_forward_backward_equals_local(target: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 256, generator=g, requires_grad=True)  # 4 MiB
+    w = torch.randn(64, 256, generator=g, requires_grad=True)
+    b = torch.randn(64, generator=g, requires_grad=True)
+    upstream = torch.randn(4096, 64, generator=g)
+    with GradientClient(target, timeout=60) as client:
+        result = client.forward_backward("linear", x, w, b, grad_outputs=upstream)
+        y = client.function("linear")(x, w, b)  # streamed forward, streamed backward by handle
+        y.backward(upstream)
+    local = torch.nn.functional.linear(x.detach(), w.detach(), b.detach())
+    torch.testing.assert_close(result.outputs, local)
+    torch.testing.assert_close(result.grads[0], upstream @ w.detach())
+    torch.testing.assert_close(result.grads[1], upstream.T @ x.detach())
+    torch.testing.assert_close(x.grad, result.grads[0])
+    torch.testing.assert_close(w.grad, result.grads[1])
+
+
+def test_streamed_backward_recomputes_when_the_handle_is_gone(target: str, server: RunningServer) -> None:
+    x = torch.randn(512 * 1024, requires_grad=True)  # 2 MiB
+    with GradientClient(target, timeout=60) as client:
+        y = client.function("square")(x)
+        server.runtime.handles.release(list(server.runtime.handles._graphs))
+        y.sum().backward()
+    assert torch.equal(x.grad, 2 * x.detach())
+
+
+def test_every_kind_of_value_streams(target: str) -> None:
+    with GradientClient(target, timeout=30, stream_threshold_bytes=0) as streamed, GradientClient(target, timeout=30) as unary:
+        args = (torch.tensor([1.0, -2.0], requires_grad=True), 2.5)
+        assert streamed.forward_backward("scale", *args).grads[0].tolist() == [2.5, 2.5]
+        values, indices = streamed.forward("max_with_index", torch.tensor([[1.0, 7.0, 3.0]]))
+        assert values.tolist() == [7.0] and indices.tolist() == [1]
+        for shape in [(), (0,), (3, 0, 2)]:
+            x = torch.ones(shape)
+            assert streamed.forward("identity", x).shape == x.shape == unary.forward("identity", x).shape
+        fb = streamed.forward_backward("two_outputs", torch.tensor([1.0, 2.0], requires_grad=True), grad_outputs=[None, torch.ones(2)])
+        assert fb.grads[0].tolist() == [1.0, 1.0]
+
+
+def test_streamed_request_over_the_limit() -> None:
+    small = create_server(ServerConfig(port=0, device="cpu", max_request_bytes=4 * MiB), registry)
+    try:
+        with GradientClient(f"127.0.0.1:{small.port}", timeout=10) as client:
+            with pytest.raises(ResourceExhaustedError, match="5242880 bytes, over the request limit of 4194304 bytes"):
+                client.forward("square", torch.zeros(5 * MiB // 4))
+            assert client.forward("square", torch.full((2 * MiB // 4,), 3.0))[0].item() == 9.0  # streamed, within
+    finally:
+        small.stop(0)
+
+
+def raw_stream(target: str, messages: list[pb.StreamRequest]) -> list[pb.StreamResponse]:
+    with grpc.insecure_channel(target) as channel:
+        return list(pb_grpc.GradientServiceStub(channel).StreamCall(iter(messages), timeout=10))
+
+
+def header(shape: tuple[int, ...], data: bytes = b"") -> pb.StreamRequest:
+    tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=shape, data=data)
+    return pb.StreamRequest(forward=pb.ForwardRequest(function="identity", args=[pb.Value(tensor=tensor)]))
+
+
+@pytest.mark.parametrize(
+    ("messages", "needle"),
+    [
+        ([pb.StreamRequest(data=b"\0" * 4)], "first message must be a header"),
+        ([header((1,), b"\0" * 4)], "carries data in the header"),
+        ([header((4,)), pb.StreamRequest(data=b"\0" * 8)], "stream ended after 8 of the 16 bytes"),
+        ([header((1,)), pb.StreamRequest(data=b"\0" * 8)], "more data than the 4 bytes"),
+        ([header((1,)), header((1,))], "only data chunks may follow the header"),
+        ([header((-1,))], "negative dimension"),
+    ],
+)
+def test_malformed_streams(target: str, messages: list[pb.StreamRequest], needle: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        raw_stream(target, messages)
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details()
+    with GradientClient(target, timeout=10) as client:  # still serving
+        assert client.forward("square", torch.tensor([2.0])).tolist() == [4.0]
+
+
+def test_chunks_and_assembler_agree_on_any_split() -> None:
+    payloads = [codec.wire_bytes(torch.arange(10, dtype=torch.float32)), codec.wire_bytes(torch.empty(0)),
+                codec.wire_bytes(torch.arange(3, dtype=torch.int16))]
+    msg = pb.ForwardRequest(args=[pb.Value(tensor=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[10])),
+                                  pb.Value(tensor=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[0])),
+                                  pb.Value(tensor=pb.Tensor(dtype=pb.DTYPE_INT16, shape=[3]))])
+    for chunk_bytes in (1, 3, 7, 46, 1000):
+        assembler = streaming.Assembler(msg)
+        for chunk in streaming.chunks(payloads, chunk_bytes):
+            assembler.feed(chunk)
+        got = [p.clone() for p in assembler.payloads()]
+        assert [g.tolist() for g in got] == [p.tolist() for p in payloads]
+
+
+# -- async client parity ------------------------------------------------------------------------
+
+
+def test_async_client_matches_the_sync_client(target: str) -> None:
+    x = torch.tensor(2.0, requires_grad=True)
+    y = torch.tensor(3.0, requires_grad=True)
+    big = torch.randn(3 * MiB // 4, generator=torch.Generator().manual_seed(3), requires_grad=True)
+
+    async def run() -> tuple:
+        async with AsyncGradientClient(target, timeout=30) as client:
+            names = [f.name for f in await client.list_functions()]
+            small = await client.forward_backward("cube_plus_square", x, y)
+            streamed = await client.forward_backward("square", big)
+            out = await client.forward("two_outputs", torch.tensor([1.0]))
+            many = await asyncio.gather(*(client.forward("square", torch.tensor([float(i)])) for i in range(20)))
+            with pytest.raises(InvalidArgumentError, match="square takes 1 argument, got 2"):
+                await client.forward("square", x, y)
+            return names, small, streamed, out, many
+
+    names, small, streamed, out, many = asyncio.run(run())
+    with GradientClient(target, timeout=30) as sync:
+        assert names == [f.name for f in sync.list_functions()]
+        expected = sync.forward_backward("cube_plus_square", x, y)
+    assert (small.outputs.item(), small.grads[0].item(), small.grads[1].item()) == (17.0, 12.0, 6.0)
+    assert small.outputs.item() == expected.outputs.item()
+    assert torch.equal(streamed.grads[0], 2 * big.detach())
+    assert isinstance(out, tuple) and [o.tolist() for o in out] == [[2.0], [2.0]]
+    assert [t.item() for t in many] == [float(i * i) for i in range(20)]
+
+
+@pytest.mark.slow
+def test_tensor_over_2_gib_round_trips() -> None:
+    """Over protobuf's 2 GiB ceiling: only a streamed call can carry it. Needs ~10 GiB of RAM."""
+    big = create_server(ServerConfig(port=0, device="cpu", max_request_bytes=3 << 30, max_tensor_bytes=3 << 30), registry)
+    try:
+        x = torch.ones((2 << 30) // 4 + 1024)  # 2 GiB + 4 KiB of float32
+        with GradientClient(f"127.0.0.1:{big.port}", timeout=600) as client:
+            y = client.forward("identity", x)
+        assert y.shape == x.shape and bool((y == 1).all())
+    finally:
+        big.stop(0)
