@@ -86,7 +86,9 @@ class AsyncGradientClient:
         response, incoming = await self._invoke("forward_backward", request, payloads, timeout)
         return m.forward_backward_result(response, args, incoming)
 
-    async def _invoke(self, kind: str, request: Any, payloads: list[torch.Tensor] | None, timeout: float | None) -> tuple[Any, Any]:
+    async def _invoke(
+        self, kind: str, request: Any, payloads: list[torch.Tensor] | None, timeout: float | None
+    ) -> tuple[Any, Any]:
         if payloads is None:
             return await self._call(getattr(self._stub, _UNARY[kind]), request, timeout), None
         try:

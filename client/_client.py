@@ -195,7 +195,9 @@ class GradientClient:
         if forwarded.handle:
             payloads = self._payloads(grad_outputs)
             request = pb.BackwardRequest(
-                function=name, handle=forwarded.handle, version=forwarded.version,
+                function=name,
+                handle=forwarded.handle,
+                version=forwarded.version,
                 grad_outputs=m.encode_grad_outputs(grad_outputs, payloads),
             )
             try:
@@ -206,7 +208,9 @@ class GradientClient:
         payloads = self._payloads(args, grad_outputs)
         recompute = pb.Arguments(values=m.encode_args(args, requires_grad, payloads))  # slot order: before grad_outputs
         request = pb.BackwardRequest(
-            function=name, recompute=recompute, version=forwarded.version,
+            function=name,
+            recompute=recompute,
+            version=forwarded.version,
             grad_outputs=m.encode_grad_outputs(grad_outputs, payloads),
         )
         response, incoming = self._invoke("backward", request, payloads, timeout)

@@ -209,9 +209,7 @@ def decode_outputs(
 ) -> Outputs:
     """Outputs on the caller's device, shaped like the Function's return."""
     device = home_device(args)
-    outputs = tuple(
-        codec.decode_tensor(m, what=f"output {i}", payloads=payloads).to(device) for i, m in enumerate(messages)
-    )
+    outputs = tuple(codec.decode_tensor(m, what=f"output {i}", payloads=payloads).to(device) for i, m in enumerate(messages))
     return outputs if returns_tuple else outputs[0]
 
 

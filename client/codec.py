@@ -167,9 +167,7 @@ def wire_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.uint8)
 
 
-def encode_tensor(
-    tensor: Any, *, requires_grad: bool | None = None, payloads: list[torch.Tensor] | None = None
-) -> pb.Tensor:
+def encode_tensor(tensor: Any, *, requires_grad: bool | None = None, payloads: list[torch.Tensor] | None = None) -> pb.Tensor:
     """Encode a tensor (any device, any layout, any strides) as a ``gradserve.v1.Tensor``.
 
     Parameters
@@ -238,9 +236,7 @@ def encode_value(value: Any, *, payloads: list[torch.Tensor] | None = None) -> p
         return pb.Value(null_value=struct_pb2.NULL_VALUE)
     if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
         return pb.Value(tensor=encode_tensor(value, payloads=payloads))
-    raise CodecError(
-        f"arguments must be tensors, numpy arrays, bool, int, float, str or None; got {type(value).__name__}"
-    )
+    raise CodecError(f"arguments must be tensors, numpy arrays, bool, int, float, str or None; got {type(value).__name__}")
 
 
 def decode_value(
@@ -303,4 +299,3 @@ def decode_maybe_tensor(
     if kind == "none":
         return None
     raise CodecError(f"{what}: empty MaybeTensor; expected a tensor or none")
-

@@ -96,7 +96,9 @@ class Assembler:
             self.sizes.append(nbytes)
         total = sum(self.sizes)
         if max_total_bytes is not None and total > max_total_bytes:
-            raise codec.TensorTooLarge(f"{what}: streamed tensors total {total} bytes, over the request limit of {max_total_bytes} bytes")
+            raise codec.TensorTooLarge(
+                f"{what}: streamed tensors total {total} bytes, over the request limit of {max_total_bytes} bytes"
+            )
         self.buffers: list[torch.Tensor] = []
         self._filled = 0  # bytes written into the last buffer
 
@@ -123,5 +125,7 @@ class Assembler:
             self._filled = 0
         received = sum(self.sizes[: len(self.buffers) - 1]) + self._filled if self.buffers else 0
         if len(self.buffers) < len(self.sizes) or (self.buffers and self._filled != self.sizes[len(self.buffers) - 1]):
-            raise codec.CodecError(f"{self.what}: stream ended after {received} of the {sum(self.sizes)} bytes the header declares")
+            raise codec.CodecError(
+                f"{self.what}: stream ended after {received} of the {sum(self.sizes)} bytes the header declares"
+            )
         return iter(self.buffers)

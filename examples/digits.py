@@ -78,8 +78,8 @@ def compare(client: GradientClient, epochs: int) -> dict[str, Any]:
     remote_losses, remote_acc = train(client.function("linear"), epochs)
     local_losses, local_acc = train(Linear.apply, epochs)
     print("epoch  remote loss  local loss   |difference|")
-    for epoch, (r, l) in enumerate(zip(remote_losses, local_losses), start=1):
-        print(f"{epoch:>5}  {r:>11.6f}  {l:>10.6f}   {abs(r - l):.1e}")
+    for epoch, (remote, local) in enumerate(zip(remote_losses, local_losses), start=1):
+        print(f"{epoch:>5}  {remote:>11.6f}  {local:>10.6f}   {abs(remote - local):.1e}")
     print(f"test accuracy: remote {remote_acc:.3f}, local {local_acc:.3f}")
     return {"remote": remote_losses, "local": local_losses, "remote_acc": remote_acc, "local_acc": local_acc}
 

@@ -31,8 +31,7 @@ def main(argv: list[str] | None = None) -> None:
         y = torch.tensor(3.0, requires_grad=True)
         result = client.forward_backward("cube_plus_square", x, y)
         dfdx, dfdy = result.grads
-        print(f"cube_plus_square at (2, 3): f = {result.outputs.item():g}, "
-              f"df/dx = {dfdx.item():g}, df/dy = {dfdy.item():g}")
+        print(f"cube_plus_square at (2, 3): f = {result.outputs.item():g}, df/dx = {dfdx.item():g}, df/dy = {dfdy.item():g}")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ def _check_grads(name: str, meta: Sequence[Any], grads: Any) -> tuple[Any, ...]:
                 f"{name} backward returned a {type(grad).__name__} for argument {i}; expected a tensor or None"
             )
         if m is None:
-            raise BackwardContractError(f"{name} backward returned a gradient for argument {i}, which is not a tensor; expected None")
+            raise BackwardContractError(
+                f"{name} backward returned a gradient for argument {i}, which is not a tensor; expected None"
+            )
         shape, dtype = m
         if not (dtype.is_floating_point or dtype.is_complex):
             raise BackwardContractError(
@@ -153,9 +155,7 @@ def default_sample_inputs(num_inputs: int) -> tuple[torch.Tensor, ...]:
     Away from 0 so functions with a kink there (abs, relu, sign) stay differentiable.
     """
     g = torch.Generator().manual_seed(0)
-    return tuple(
-        (torch.rand(3, 4, dtype=torch.float64, generator=g) + 0.5).requires_grad_() for _ in range(num_inputs)
-    )
+    return tuple((torch.rand(3, 4, dtype=torch.float64, generator=g) + 0.5).requires_grad_() for _ in range(num_inputs))
 
 
 def _differentiable(values: Any) -> list[torch.Tensor]:
@@ -192,9 +192,9 @@ def _max_jacobian_error(fn: Callable[..., Any], inputs: tuple[Any, ...], eps: fl
         if not flat_out.requires_grad:
             break
         rows = torch.autograd.grad(flat_out[k], wrt, retain_graph=True, allow_unused=True)
-        analytical[k] = torch.cat([
-            (torch.zeros_like(w) if r is None else r).reshape(-1).to(torch.float64) for w, r in zip(wrt, rows)
-        ])
+        analytical[k] = torch.cat(
+            [(torch.zeros_like(w) if r is None else r).reshape(-1).to(torch.float64) for w, r in zip(wrt, rows)]
+        )
     numerical = torch.zeros_like(analytical)
     column = 0
     for w in wrt:
@@ -265,6 +265,4 @@ def format_table(results: Sequence[CheckResult]) -> str:
     rows = [("function", "first order (max abs err)", "second order (max abs err)", "detail")]
     rows += [(r.name, cell(r.first_order, r.first_error), cell(r.second_order, r.second_error), r.detail) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    return "\n".join(
-        f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in rows
-    )
+    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in rows)

@@ -34,15 +34,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_serve_arguments(serve_p)
 
     check_p = commands.add_parser(
-        "check", help="gradcheck registered functions in float64",
+        "check",
+        help="gradcheck registered functions in float64",
         description="Run torch.autograd.gradcheck (and gradgradcheck where a Function declares double "
         "backward) in float64 on each Function's sample inputs. Exits 1 if any fails.",
     )
-    check_p.add_argument("--functions", action="append", default=[], metavar="MODULE",
-                         help="module that registers Functions; repeatable (default: gradserve.server.examples)")
+    check_p.add_argument(
+        "--functions",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="module that registers Functions; repeatable (default: gradserve.server.examples)",
+    )
 
     health_p = commands.add_parser(
-        "health", help="exit 0 if a server reports SERVING, else 1 (for container healthchecks)",
+        "health",
+        help="exit 0 if a server reports SERVING, else 1 (for container healthchecks)",
         description="Ask a server's grpc.health.v1 service. Exit 0 when SERVING, 1 otherwise.",
     )
     health_p.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
@@ -52,8 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_target(list_p)
 
     call_p = commands.add_parser(
-        "call", help="call a function; print outputs and gradients",
-        epilog=_CALL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "call",
+        help="call a function; print outputs and gradients",
+        epilog=_CALL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     call_p.add_argument("name", help="registered function name")
     call_p.add_argument("args", nargs="*", help="arguments, JSON (see below)")
@@ -80,8 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default=os.environ.get("GRADSERVE_TARGET", "127.0.0.1:50051"),
-                        help="server address HOST:PORT (default: %(default)s) [env GRADSERVE_TARGET]")
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("GRADSERVE_TARGET", "127.0.0.1:50051"),
+        help="server address HOST:PORT (default: %(default)s) [env GRADSERVE_TARGET]",
+    )
     parser.add_argument("--timeout-s", type=float, default=30.0, help="deadline in seconds (default: %(default)s)")
 
 
@@ -121,9 +133,7 @@ def _health(target: str, service: str, timeout_s: float) -> int:
 
     with grpc.insecure_channel(target) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
-            )
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
         except grpc.RpcError as exc:
             print(f"{target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -147,7 +157,7 @@ def _parse_arg(text: str, dtype: torch.dtype) -> Any:
     except json.JSONDecodeError:
         if scalar:
             return text[2:]
-        raise SystemExit(f"gradserve call: argument {text!r} is not JSON (prefix s: for a plain string)")
+        raise SystemExit(f"gradserve call: argument {text!r} is not JSON (prefix s: for a plain string)") from None
     if scalar or value is None or isinstance(value, (bool, str)):
         return value
     return torch.tensor(value, dtype=dtype, requires_grad=dtype.is_floating_point or dtype.is_complex)

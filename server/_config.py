@@ -50,8 +50,7 @@ _HELP = {
     "port": "TCP port; 0 picks a free one (it is logged)",
     "functions": "module that registers Functions; repeatable. Default: gradserve.server.examples",
     "device": "auto (CUDA when present, else CPU), cpu, cuda or cuda:N",
-    "max_workers": "forward/backward computations run at once; more calls wait, while health and "
-    "ListFunctions still answer",
+    "max_workers": "forward/backward computations run at once; more calls wait, while health and ListFunctions still answer",
     "intra_op_threads": "torch intra-op threads; 0 = the CPU quota of this container (cgroup), not the host's core count",
     "max_request_bytes": "largest request message, in bytes; larger ones get RESOURCE_EXHAUSTED",
     "max_tensor_bytes": "largest single tensor, in bytes; checked before allocation",
@@ -82,8 +81,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default = os.environ.get(env)
         if f.name == "functions":
             env_default = tuple(m for m in (default or "").replace(",", " ").split() if m)
-            parser.add_argument(flag, action="append", default=None, metavar="MODULE",
-                                help=f"{_HELP[f.name]} [env {env}, comma-separated]")
+            parser.add_argument(
+                flag, action="append", default=None, metavar="MODULE", help=f"{_HELP[f.name]} [env {env}, comma-separated]"
+            )
             parser.set_defaults(_functions_env=env_default)
             continue
         kind = type(f.default)

@@ -66,7 +66,9 @@ class HandleStore:
     def put(self, graph: Graph) -> str | None:
         """Keep ``graph``; return its handle, or None when it alone is over ``max_bytes``."""
         if graph.nbytes > self.max_bytes:
-            log.info("not keeping a %d-byte graph of %s: over --max-handle-bytes=%d", graph.nbytes, graph.function.name, self.max_bytes)
+            log.info(
+                "not keeping a %d-byte graph of %s: over --max-handle-bytes=%d", graph.nbytes, graph.function.name, self.max_bytes
+            )
             return None
         handle = secrets.token_urlsafe(18)
         graph.expires_at = time.monotonic() + self.ttl_s

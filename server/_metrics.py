@@ -29,10 +29,16 @@ class Metrics:
     def __init__(self, runtime: Runtime) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("gradserve_requests", "Calls by function, method and status code.",
-                                ["function", "method", "code"], registry=r)
-        self.latency = Histogram("gradserve_request_duration_seconds", "Call latency in seconds.",
-                                 ["function", "method"], buckets=_BUCKETS_S, registry=r)
+        self.requests = Counter(
+            "gradserve_requests", "Calls by function, method and status code.", ["function", "method", "code"], registry=r
+        )
+        self.latency = Histogram(
+            "gradserve_request_duration_seconds",
+            "Call latency in seconds.",
+            ["function", "method"],
+            buckets=_BUCKETS_S,
+            registry=r,
+        )
         self.bytes_in = Counter("gradserve_request_bytes", "Request message bytes received.", ["method"], registry=r)
         self.bytes_out = Counter("gradserve_response_bytes", "Response message bytes sent.", ["method"], registry=r)
         self.in_flight = Gauge("gradserve_calls_in_flight", "Calls being served now.", registry=r)
@@ -47,8 +53,9 @@ class Metrics:
             lambda: handles.evictions
         )
         device = runtime.device
-        Gauge("gradserve_device_memory_bytes", "Memory allocated by torch on the serving device (CUDA only; 0 on CPU).",
-              registry=r).set_function(lambda: torch.cuda.memory_allocated(device) if device.type == "cuda" else 0)
+        Gauge(
+            "gradserve_device_memory_bytes", "Memory allocated by torch on the serving device (CUDA only; 0 on CPU).", registry=r
+        ).set_function(lambda: torch.cuda.memory_allocated(device) if device.type == "cuda" else 0)
 
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:

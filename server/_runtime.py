@@ -217,8 +217,7 @@ class Runtime:
         entry = self.function(name)
         if version and version != entry.version:
             raise VersionMismatch(
-                f"{name}: the forward ran version {version}, this server serves version {entry.version}; "
-                "run the forward again"
+                f"{name}: the forward ran version {version}, this server serves version {entry.version}; run the forward again"
             )
         if handle is not None:
             graph = self.handles.peek(handle)
@@ -226,8 +225,10 @@ class Runtime:
                 raise InvalidArgument(f"handle belongs to function {graph.function.name!r}, not {name!r}")
             if graph.function.version != entry.version:  # the Function was re-registered since
                 self.handles.release([handle])
-                raise VersionMismatch(f"{name}: the handle's graph is of version {graph.function.version}, "
-                                      f"this server serves version {entry.version}; run the forward again")
+                raise VersionMismatch(
+                    f"{name}: the handle's graph is of version {graph.function.version}, "
+                    f"this server serves version {entry.version}; run the forward again"
+                )
             cotangents = self._check_grad_outputs(graph.function, graph.outputs, grad_outputs)
             try:
                 return self._vjp(graph.function, graph.args, graph.outputs, cotangents, is_active)
@@ -262,10 +263,7 @@ class Runtime:
                 f"{entry.name} takes {entry.num_inputs} argument{'s' * (entry.num_inputs != 1)}, got {len(args)}"
             )
         # Each tensor crosses to the device once and becomes a leaf there.
-        return [
-            a.detach().to(self.device).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
-            for a in args
-        ]
+        return [a.detach().to(self.device).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
 
     def _run_forward(
         self, entry: RegisteredFunction, dev_args: list[Any], is_active: Callable[[], bool]
@@ -280,7 +278,11 @@ class Runtime:
         if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
             self._check_finite(entry, "output", out)
             return tuple(out), True
-        got = type(out).__name__ if not isinstance(out, (tuple, list)) else f"{type(out).__name__} of {[type(o).__name__ for o in out]}"
+        got = (
+            type(out).__name__
+            if not isinstance(out, (tuple, list))
+            else f"{type(out).__name__} of {[type(o).__name__ for o in out]}"
+        )
         raise FunctionError(f"{entry.name} forward returned {got}; expected a tensor or a non-empty tuple of tensors")
 
     @staticmethod
@@ -337,9 +339,7 @@ class Runtime:
         if grad_outputs is None or len(grad_outputs) == 0:
             return [torch.ones_like(o) if o.requires_grad else None for o in outputs]
         if len(grad_outputs) != len(outputs):
-            raise InvalidArgument(
-                f"{entry.name} returned {len(outputs)} output(s), got {len(grad_outputs)} grad_outputs"
-            )
+            raise InvalidArgument(f"{entry.name} returned {len(outputs)} output(s), got {len(grad_outputs)} grad_outputs")
         checked: list[torch.Tensor | None] = []
         for i, (o, g) in enumerate(zip(outputs, grad_outputs)):
             if g is None:
@@ -377,6 +377,4 @@ class Runtime:
 
 def _is_out_of_memory(exc: Exception) -> bool:
     # CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError saying so.
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
-    )
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))

@@ -181,9 +181,14 @@ def create_server(config: ServerConfig, registry: Registry | None = None) -> Run
     _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "serving %d function(s) on %s:%d (%s%s), device %s%s: %s",
-        len(registry), config.host, port, "TLS" if credentials else "plaintext",
-        ", tokens required" if tokens else "", device,
-        f", metrics on :{metrics_port}/metrics" if metrics_port else "", ", ".join(f.name for f in registry),
+        len(registry),
+        config.host,
+        port,
+        "TLS" if credentials else "plaintext",
+        ", tokens required" if tokens else "",
+        device,
+        f", metrics on :{metrics_port}/metrics" if metrics_port else "",
+        ", ".join(f.name for f in registry),
     )
     return RunningServer(server, port, health_servicer, runtime, metrics, metrics_port)
 

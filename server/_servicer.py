@@ -97,10 +97,23 @@ def _rpc(method: Callable[[Any, Any, grpc.ServicerContext], R]) -> Callable[[Any
             if self.metrics is not None:
                 out = response.ByteSize() if isinstance(response, Message) else getattr(response, "nbytes", 0)
                 self.metrics.observe(_call.function, method.__name__, code.name, duration_s, _call.bytes_in, out)
-            fields = {"request_id": request_id, "method": method.__name__, "function": _call.function,
-                      "code": code.name, "duration_ms": round(1e3 * duration_s, 3), "peer": context.peer()}
-            log.info("request=%s method=%s function=%s code=%s duration_ms=%.2f", request_id, method.__name__,
-                     _call.function, code.name, fields["duration_ms"], extra=fields)
+            fields = {
+                "request_id": request_id,
+                "method": method.__name__,
+                "function": _call.function,
+                "code": code.name,
+                "duration_ms": round(1e3 * duration_s, 3),
+                "peer": context.peer(),
+            }
+            log.info(
+                "request=%s method=%s function=%s code=%s duration_ms=%.2f",
+                request_id,
+                method.__name__,
+                _call.function,
+                code.name,
+                fields["duration_ms"],
+                extra=fields,
+            )
 
     return wrapper
 
@@ -190,16 +203,12 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             return self._backward(request, context, _Payloads())
 
     @_rpc
-    def ForwardBackward(
-        self, request: pb.ForwardBackwardRequest, context: grpc.ServicerContext
-    ) -> pb.ForwardBackwardResponse:
+    def ForwardBackward(self, request: pb.ForwardBackwardRequest, context: grpc.ServicerContext) -> pb.ForwardBackwardResponse:
         with self._compute:
             return self._forward_backward(request, context, _Payloads())
 
     @_rpc
-    def ReleaseHandles(
-        self, request: pb.ReleaseHandlesRequest, context: grpc.ServicerContext
-    ) -> pb.ReleaseHandlesResponse:
+    def ReleaseHandles(self, request: pb.ReleaseHandlesRequest, context: grpc.ServicerContext) -> pb.ReleaseHandlesResponse:
         return pb.ReleaseHandlesResponse(released=self.runtime.handles.release(request.handles))
 
     @_rpc
@@ -207,7 +216,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         first = next(request_iterator, None)
         kind = first.WhichOneof("part") if first is not None else None
         if kind not in ("forward", "backward", "forward_backward"):
-            raise codec.CodecError(f"StreamCall: the first message must be a header (forward, backward or forward_backward), got {kind}")
+            raise codec.CodecError(
+                f"StreamCall: the first message must be a header (forward, backward or forward_backward), got {kind}"
+            )
         header = getattr(first, kind)
         _call.function = header.function
         self.runtime.function(header.function)  # NOT_FOUND before receiving any data
@@ -287,6 +298,4 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
 
 
 def _encode_outputs(result: ForwardResult, io: _Payloads) -> list[pb.Tensor]:
-    return [
-        codec.encode_tensor(o, requires_grad=d, payloads=io.outgoing) for o, d in zip(result.outputs, result.differentiable)
-    ]
+    return [codec.encode_tensor(o, requires_grad=d, payloads=io.outgoing) for o, d in zip(result.outputs, result.differentiable)]

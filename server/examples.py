@@ -19,6 +19,7 @@ def _sample(*shape: int, scale: float = 1.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(sum(shape))
     return (scale * torch.randn(*shape, dtype=torch.float64, generator=g)).requires_grad_()
 
+
 __all__ = ["CubePlusSquare", "Linear", "LogSumExp", "MaxWithIndex", "Softplus", "Square", "StraightThroughSign", "scale"]
 
 

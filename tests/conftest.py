@@ -10,13 +10,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import gradserve_broken_functions  # noqa: F401  (registers the broken Functions)
+import gradserve_test_functions  # noqa: F401  (registers the test Functions)
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import gradserve.server.examples  # noqa: F401  (registers the examples)
-import gradserve_broken_functions  # noqa: F401  (registers the broken Functions)
-import gradserve_test_functions  # noqa: F401  (registers the test Functions)
 from gradserve.client import GradientClient
 from gradserve.server import RunningServer, ServerConfig, create_server, registry
 

@@ -31,8 +31,11 @@ class WrongCube(torch.autograd.Function):
         return 2 * x**2 * g
 
 
-@register("ctx_attribute_square", double_backward=True,
-          sample_inputs=lambda: (torch.tensor([1.0], dtype=torch.float64, requires_grad=True),))
+@register(
+    "ctx_attribute_square",
+    double_backward=True,
+    sample_inputs=lambda: (torch.tensor([1.0], dtype=torch.float64, requires_grad=True),),
+)
 class CtxAttributeSquare(torch.autograd.Function):
     """(2x)² keeping 2x on ctx as an attribute: first derivative 8 at x = 1 is right, double backward gives 0, truth 8."""
 

@@ -38,7 +38,9 @@ def stub(small_server: RunningServer) -> Iterator[pb_grpc.GradientServiceStub]:
         yield pb_grpc.GradientServiceStub(ch)
 
 
-def tensor(dtype: int = pb.DTYPE_FLOAT32, shape: tuple[int, ...] = (1,), data: bytes | None = None, requires_grad: bool = False) -> pb.Value:
+def tensor(
+    dtype: int = pb.DTYPE_FLOAT32, shape: tuple[int, ...] = (1,), data: bytes | None = None, requires_grad: bool = False
+) -> pb.Value:
     if data is None:
         data = b"\0" * (math.prod(shape) * 4)
     return pb.Value(tensor=pb.Tensor(dtype=dtype, shape=shape, data=data, requires_grad=requires_grad))
@@ -67,23 +69,59 @@ def still_serves(stub: pb_grpc.GradientServiceStub) -> None:
 # -- request validation ------------------------------------------------------------------
 
 MALFORMED = {
-    "unknown function": (pb.ForwardRequest(function="nope", args=[good_x()]), grpc.StatusCode.NOT_FOUND, ["no function named 'nope'"]),
-    "too many arguments": (pb.ForwardRequest(function="square", args=[good_x(), good_x()]), INVALID, ["square takes 1 argument, got 2"]),
+    "unknown function": (
+        pb.ForwardRequest(function="nope", args=[good_x()]),
+        grpc.StatusCode.NOT_FOUND,
+        ["no function named 'nope'"],
+    ),
+    "too many arguments": (
+        pb.ForwardRequest(function="square", args=[good_x(), good_x()]),
+        INVALID,
+        ["square takes 1 argument, got 2"],
+    ),
     "too few arguments": (pb.ForwardRequest(function="cube_plus_square", args=[good_x()]), INVALID, ["takes 2 arguments, got 1"]),
     "empty value": (pb.ForwardRequest(function="square", args=[pb.Value()]), INVALID, ["square argument 0", "empty Value"]),
-    "dtype unspecified": (pb.ForwardRequest(function="square", args=[tensor(pb.DTYPE_UNSPECIFIED)]), INVALID, ["DTYPE_UNSPECIFIED"]),
+    "dtype unspecified": (
+        pb.ForwardRequest(function="square", args=[tensor(pb.DTYPE_UNSPECIFIED)]),
+        INVALID,
+        ["DTYPE_UNSPECIFIED"],
+    ),
     "dtype unknown": (pb.ForwardRequest(function="square", args=[tensor(42)]), INVALID, ["unknown value 42"]),
-    "byte count": (pb.ForwardRequest(function="square", args=[tensor(shape=(1024, 64, 2), data=b"\0" * 8)]), INVALID,
-                   ["square argument 0", "shape [1024, 64, 2] needs 524288 bytes of data, got 8"]),
-    "negative dimension": (pb.ForwardRequest(function="square", args=[tensor(shape=(2, -3), data=b"")]), INVALID, ["negative dimension"]),
-    "int64 overflow": (pb.ForwardRequest(function="square", args=[tensor(shape=(2**40, 2**40), data=b"")]),
-                       grpc.StatusCode.RESOURCE_EXHAUSTED, ["shape [1099511627776, 1099511627776]", "over the int64 limit"]),
-    "over tensor limit": (pb.ForwardRequest(function="square", args=[tensor(shape=(2**20, 2**20), data=b"")]),
-                          grpc.StatusCode.RESOURCE_EXHAUSTED, ["4398046511104 bytes, over the limit of 1048576 bytes"]),
-    "requires_grad on int64": (pb.ForwardRequest(function="square", args=[tensor(pb.DTYPE_INT64, (1,), b"\0" * 8, True)]), INVALID,
-                               ["square argument 0", "requires_grad is set on a int64 tensor"]),
-    "requires_grad on bool": (pb.ForwardRequest(function="square", args=[tensor(pb.DTYPE_BOOL, (1,), b"\1", True)]), INVALID, ["bool"]),
-    "bool byte not 0/1": (pb.ForwardRequest(function="square", args=[tensor(pb.DTYPE_BOOL, (2,), b"\1\5")]), INVALID, ["other than 0 or 1"]),
+    "byte count": (
+        pb.ForwardRequest(function="square", args=[tensor(shape=(1024, 64, 2), data=b"\0" * 8)]),
+        INVALID,
+        ["square argument 0", "shape [1024, 64, 2] needs 524288 bytes of data, got 8"],
+    ),
+    "negative dimension": (
+        pb.ForwardRequest(function="square", args=[tensor(shape=(2, -3), data=b"")]),
+        INVALID,
+        ["negative dimension"],
+    ),
+    "int64 overflow": (
+        pb.ForwardRequest(function="square", args=[tensor(shape=(2**40, 2**40), data=b"")]),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ["shape [1099511627776, 1099511627776]", "over the int64 limit"],
+    ),
+    "over tensor limit": (
+        pb.ForwardRequest(function="square", args=[tensor(shape=(2**20, 2**20), data=b"")]),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ["4398046511104 bytes, over the limit of 1048576 bytes"],
+    ),
+    "requires_grad on int64": (
+        pb.ForwardRequest(function="square", args=[tensor(pb.DTYPE_INT64, (1,), b"\0" * 8, True)]),
+        INVALID,
+        ["square argument 0", "requires_grad is set on a int64 tensor"],
+    ),
+    "requires_grad on bool": (
+        pb.ForwardRequest(function="square", args=[tensor(pb.DTYPE_BOOL, (1,), b"\1", True)]),
+        INVALID,
+        ["bool"],
+    ),
+    "bool byte not 0/1": (
+        pb.ForwardRequest(function="square", args=[tensor(pb.DTYPE_BOOL, (2,), b"\1\5")]),
+        INVALID,
+        ["other than 0 or 1"],
+    ),
 }
 
 
@@ -108,15 +146,30 @@ def test_bad_grad_outputs(stub: pb_grpc.GradientServiceStub) -> None:
 
     one = codec.encode_maybe_tensor(torch.ones(2))
     fails(stub.ForwardBackward, fb(one, one), INVALID, "square returned 1 output(s), got 2 grad_outputs")
-    fails(stub.ForwardBackward, fb(codec.encode_maybe_tensor(torch.ones(3))), INVALID, "expected float32 of shape [2], got float32 of shape [3]")
-    fails(stub.ForwardBackward, fb(codec.encode_maybe_tensor(torch.ones(2, dtype=torch.float64))), INVALID, "got float64 of shape [2]")
+    fails(
+        stub.ForwardBackward,
+        fb(codec.encode_maybe_tensor(torch.ones(3))),
+        INVALID,
+        "expected float32 of shape [2], got float32 of shape [3]",
+    )
+    fails(
+        stub.ForwardBackward,
+        fb(codec.encode_maybe_tensor(torch.ones(2, dtype=torch.float64))),
+        INVALID,
+        "got float64 of shape [2]",
+    )
     fails(stub.ForwardBackward, fb(pb.MaybeTensor()), INVALID, "square grad_outputs[0]: empty MaybeTensor")
     still_serves(stub)
 
 
 def test_unknown_handle_and_missing_graph(stub: pb_grpc.GradientServiceStub) -> None:
-    fails(stub.Backward, pb.BackwardRequest(function="square", handle="no-such-handle"), grpc.StatusCode.NOT_FOUND,
-          "unknown, expired, evicted or already used", reason="HANDLE_NOT_FOUND")
+    fails(
+        stub.Backward,
+        pb.BackwardRequest(function="square", handle="no-such-handle"),
+        grpc.StatusCode.NOT_FOUND,
+        "unknown, expired, evicted or already used",
+        reason="HANDLE_NOT_FOUND",
+    )
     fails(stub.Backward, pb.BackwardRequest(function="square"), INVALID, "set either handle or recompute")
     fwd = stub.Forward(pb.ForwardRequest(function="square", args=[good_x()], keep_graph=True), timeout=10)
     fails(stub.Backward, pb.BackwardRequest(function="softplus", handle=fwd.handle), INVALID, "belongs to function 'square'")
@@ -135,15 +188,36 @@ def fb_request(function: str, *args: object) -> pb.ForwardBackwardRequest:
 
 def test_function_failures_name_the_function(stub: pb_grpc.GradientServiceStub) -> None:
     leaf = lambda *shape: torch.ones(*shape, requires_grad=True)  # noqa: E731
-    fails(stub.ForwardBackward, fb_request("forward_raises", leaf(1)), FAILED,
-          "forward_raises forward raised ValueError: x must be positive", reason="FUNCTION_ERROR")
-    fails(stub.ForwardBackward, fb_request("article_cube_plus_square", torch.tensor(2.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)),
-          FAILED, "article_cube_plus_square backward returned 1 gradient for 2 inputs")
-    fails(stub.ForwardBackward, fb_request("bad_grad_shape", leaf(2, 3)), FAILED,
-          "bad_grad_shape backward", "argument 0", "got shape [2, 5], expected [2, 3]")
-    fails(stub.ForwardBackward, fb_request("bad_grad_dtype", leaf(2)), FAILED, "argument 0", "got dtype float64, expected float32")
-    fails(stub.ForwardBackward, fb_request("grad_for_scalar", leaf(2), 2.0), FAILED,
-          "grad_for_scalar backward returned a gradient for argument 1, which is not a tensor")
+    fails(
+        stub.ForwardBackward,
+        fb_request("forward_raises", leaf(1)),
+        FAILED,
+        "forward_raises forward raised ValueError: x must be positive",
+        reason="FUNCTION_ERROR",
+    )
+    fails(
+        stub.ForwardBackward,
+        fb_request("article_cube_plus_square", torch.tensor(2.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)),
+        FAILED,
+        "article_cube_plus_square backward returned 1 gradient for 2 inputs",
+    )
+    fails(
+        stub.ForwardBackward,
+        fb_request("bad_grad_shape", leaf(2, 3)),
+        FAILED,
+        "bad_grad_shape backward",
+        "argument 0",
+        "got shape [2, 5], expected [2, 3]",
+    )
+    fails(
+        stub.ForwardBackward, fb_request("bad_grad_dtype", leaf(2)), FAILED, "argument 0", "got dtype float64, expected float32"
+    )
+    fails(
+        stub.ForwardBackward,
+        fb_request("grad_for_scalar", leaf(2), 2.0),
+        FAILED,
+        "grad_for_scalar backward returned a gradient for argument 1, which is not a tensor",
+    )
     fails(stub.ForwardBackward, fb_request("returns_string", leaf(1)), FAILED, "returns_string forward returned str")
     still_serves(stub)
 
@@ -155,13 +229,23 @@ def test_traceback_stays_in_the_server_log(stub: pb_grpc.GradientServiceStub, ca
 
 
 def test_check_finite_reports_nan(stub: pb_grpc.GradientServiceStub) -> None:
-    fails(stub.ForwardBackward, fb_request("log", torch.tensor([-1.0, 1.0], requires_grad=True)), FAILED,
-          "log output 0 holds 1 NaN or Inf value(s) of 2", reason="NON_FINITE")
+    fails(
+        stub.ForwardBackward,
+        fb_request("log", torch.tensor([-1.0, 1.0], requires_grad=True)),
+        FAILED,
+        "log output 0 holds 1 NaN or Inf value(s) of 2",
+        reason="NON_FINITE",
+    )
     still_serves(stub)
 
 
 def test_out_of_memory_is_resource_exhausted_and_recovers(stub: pb_grpc.GradientServiceStub) -> None:
-    fails(stub.Forward, fb_request("allocate_huge", torch.ones(1)), grpc.StatusCode.RESOURCE_EXHAUSTED, "allocate_huge forward: out of memory")
+    fails(
+        stub.Forward,
+        fb_request("allocate_huge", torch.ones(1)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "allocate_huge forward: out of memory",
+    )
     still_serves(stub)
 
 
@@ -170,7 +254,9 @@ def test_out_of_memory_is_resource_exhausted_and_recovers(stub: pb_grpc.Gradient
 
 def test_deadline_abandons_the_work_and_keeps_no_handle(small_server: RunningServer, stub: pb_grpc.GradientServiceStub) -> None:
     request = pb.ForwardRequest(
-        function="slow_square", args=[codec.encode_value(torch.ones(2, requires_grad=True)), codec.encode_value(2.0)], keep_graph=True
+        function="slow_square",
+        args=[codec.encode_value(torch.ones(2, requires_grad=True)), codec.encode_value(2.0)],
+        keep_graph=True,
     )
     start = time.monotonic()
     fails(stub.Forward, request, grpc.StatusCode.DEADLINE_EXCEEDED, timeout=1)
@@ -183,7 +269,9 @@ def test_deadline_abandons_the_work_and_keeps_no_handle(small_server: RunningSer
 
 def test_cancelled_call_keeps_no_handle(small_server: RunningServer, stub: pb_grpc.GradientServiceStub) -> None:
     request = pb.ForwardRequest(
-        function="slow_square", args=[codec.encode_value(torch.ones(2, requires_grad=True)), codec.encode_value(0.5)], keep_graph=True
+        function="slow_square",
+        args=[codec.encode_value(torch.ones(2, requires_grad=True)), codec.encode_value(0.5)],
+        keep_graph=True,
     )
     future = stub.Forward.future(request, timeout=10)
     time.sleep(0.1)
@@ -218,7 +306,9 @@ def is_well_formed(dtype: int, shape: list[int], data: bytes) -> bool:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(dtype=DTYPE_NUMBERS, shape=SHAPES, data=st.binary(max_size=64), exact=st.booleans(), requires_grad=st.booleans())
-def test_fuzz_request_path(stub: pb_grpc.GradientServiceStub, dtype: int, shape: list[int], data: bytes, exact: bool, requires_grad: bool) -> None:
+def test_fuzz_request_path(
+    stub: pb_grpc.GradientServiceStub, dtype: int, shape: list[int], data: bytes, exact: bool, requires_grad: bool
+) -> None:
     if exact and dtype in codec.WIRE_TO_DTYPE and all(0 <= d <= 6 for d in shape):
         # Often send the right byte count, so well-formed tensors are fuzzed too.
         data = (data * 100)[: math.prod(shape) * codec.WIRE_TO_DTYPE[dtype].itemsize]

@@ -11,8 +11,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import TESTS, ServerProcess, free_port, wait_until
+
 from gradserve.client import FunctionFailedError, GradientClient, UnavailableError
 
 
@@ -85,7 +85,7 @@ def test_backward_after_server_restart_recomputes() -> None:
         first.terminate()
         with ServerProcess(port=port):  # a fresh server: the forward's graph is gone
             assert wait_until(lambda: _ready(client), timeout_s=30)
-            (y ** 2).sum().backward()
+            (y**2).sum().backward()
     upstream = 2 * (x.detach()[None] @ w.detach().T)
     torch.testing.assert_close(w.grad, upstream.T @ x.detach()[None])
     torch.testing.assert_close(x.grad, (upstream @ w.detach())[0])

@@ -16,11 +16,12 @@ import grpc
 import pytest
 import torch
 import trustme
+from conftest import free_port, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from conftest import free_port, wait_until
 from gradserve.client import (
+    FunctionNotFoundError,
     GradientClient,
     PermissionDeniedError,
     UnauthenticatedError,
@@ -81,7 +82,7 @@ def test_metrics_count_calls_by_code() -> None:
     try:
         with GradientClient(f"127.0.0.1:{running.port}", timeout=10) as client:
             client.forward_backward("square", torch.tensor([1.0], requires_grad=True))
-            with pytest.raises(Exception):
+            with pytest.raises(FunctionNotFoundError):
                 client.forward("nope", torch.ones(1))
             kept = client.function("square")(torch.ones(3, requires_grad=True))  # keeps a graph while alive
             body = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10).read().decode()
@@ -140,8 +141,9 @@ def test_mutual_tls(pki: dict) -> None:
     running = tls_server(pki, tls_client_ca_file=str(pki["dir"] / "ca.pem"))
     target = f"127.0.0.1:{running.port}"
     try:
-        with GradientClient(target, timeout=10, root_certificates=pki["ca"], private_key=pki["client_key"],
-                            certificate_chain=pki["client_cert"]) as client:
+        with GradientClient(
+            target, timeout=10, root_certificates=pki["ca"], private_key=pki["client_key"], certificate_chain=pki["client_cert"]
+        ) as client:
             assert client.forward("square", torch.tensor([3.0])).tolist() == [9.0]
         with GradientClient(target, timeout=3, root_certificates=pki["ca"], options=[("grpc.enable_retries", 0)]) as anon:
             with pytest.raises(UnavailableError):
@@ -153,7 +155,9 @@ def test_mutual_tls(pki: dict) -> None:
 def test_bearer_tokens(tmp_path: Path) -> None:
     tokens_file = tmp_path / "tokens"
     tokens_file.write_text("# team tokens\nsecret-from-file\n")
-    running = create_server(ServerConfig(port=0, device="cpu", auth_tokens="secret-a", auth_tokens_file=str(tokens_file)), registry)
+    running = create_server(
+        ServerConfig(port=0, device="cpu", auth_tokens="secret-a", auth_tokens_file=str(tokens_file)), registry
+    )
     target = f"127.0.0.1:{running.port}"
     try:
         for token in ("secret-a", "secret-from-file"):
@@ -180,11 +184,23 @@ def parse_serve(argv: list[str], monkeypatch: pytest.MonkeyPatch, env: dict[str,
 
 
 def test_every_flag_has_an_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    env = {"GRADSERVE_PORT": "6000", "GRADSERVE_MAX_REQUEST_BYTES": "1024", "GRADSERVE_CHECK": "true",
-           "GRADSERVE_FUNCTIONS": "a.b,c.d", "GRADSERVE_HANDLE_TTL_S": "2.5", "GRADSERVE_LOG_FORMAT": "json"}
+    env = {
+        "GRADSERVE_PORT": "6000",
+        "GRADSERVE_MAX_REQUEST_BYTES": "1024",
+        "GRADSERVE_CHECK": "true",
+        "GRADSERVE_FUNCTIONS": "a.b,c.d",
+        "GRADSERVE_HANDLE_TTL_S": "2.5",
+        "GRADSERVE_LOG_FORMAT": "json",
+    }
     config = parse_serve([], monkeypatch, env)
     assert (config.port, config.max_request_bytes, config.check, config.functions, config.handle_ttl_s, config.log_format) == (
-        6000, 1024, True, ("a.b", "c.d"), 2.5, "json")
+        6000,
+        1024,
+        True,
+        ("a.b", "c.d"),
+        2.5,
+        "json",
+    )
     flagged = parse_serve(["--port", "7000", "--no-check", "--functions", "x"], monkeypatch, env)
     assert (flagged.port, flagged.check, flagged.functions) == (7000, False, ("x",))
     assert config.host == "127.0.0.1"  # loopback unless 0.0.0.0 is asked for
@@ -236,8 +252,13 @@ def test_version_mismatch_is_failed_precondition() -> None:
     server_new = create_server(ServerConfig(port=0, device="cpu"), new)
     try:
         x = codec.encode_value(torch.tensor([3.0], requires_grad=True))
-        with grpc.insecure_channel(f"127.0.0.1:{server_old.port}") as a, grpc.insecure_channel(f"127.0.0.1:{server_new.port}") as b:
-            fwd = pb_grpc.GradientServiceStub(a).Forward(pb.ForwardRequest(function="square", args=[x], keep_graph=True), timeout=10)
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{server_old.port}") as a,
+            grpc.insecure_channel(f"127.0.0.1:{server_new.port}") as b,
+        ):
+            fwd = pb_grpc.GradientServiceStub(a).Forward(
+                pb.ForwardRequest(function="square", args=[x], keep_graph=True), timeout=10
+            )
             assert fwd.version == "1"
             recompute = pb.BackwardRequest(function="square", recompute=pb.Arguments(values=[x]), version=fwd.version)
             with pytest.raises(grpc.RpcError) as err:

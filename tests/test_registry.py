@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from gradserve.server import Registry, RegistrationError, load_modules, registry
-from gradserve.server import _registry
+from gradserve.server import RegistrationError, Registry, _registry, load_modules, registry
 
 
 def test_function_class_and_callable() -> None:

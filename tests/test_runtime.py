@@ -41,7 +41,11 @@ def test_seed_values(runtime: Runtime) -> None:
 
 def test_handle_and_recompute_give_identical_gradients(runtime: Runtime) -> None:
     g = torch.Generator().manual_seed(1)
-    args = [torch.randn(5, 3, generator=g).requires_grad_(), torch.randn(4, 3, generator=g).requires_grad_(), torch.randn(4, generator=g)]
+    args = [
+        torch.randn(5, 3, generator=g).requires_grad_(),
+        torch.randn(4, 3, generator=g).requires_grad_(),
+        torch.randn(4, generator=g),
+    ]
     upstream = [torch.randn(5, 4, generator=g)]
     forwarded = runtime.forward("linear", args, keep_graph=True)
     assert forwarded.handle

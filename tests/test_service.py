@@ -17,8 +17,8 @@ from gradserve.client import (
     GradientClient,
     InvalidArgumentError,
     ResourceExhaustedError,
+    codec,
 )
-from gradserve.client import codec
 from gradserve.server import RunningServer, ServerConfig, create_server, examples, registry
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
@@ -107,9 +107,9 @@ def test_remote_step_inside_a_local_graph(client: GradientClient, name: str) -> 
     remote_loss = loss(client.function(name), remote_args)
     assert remote_loss.grad_fn is not None
     remote_loss.backward()
-    for r, l in zip(remote_args, local_args):
-        if isinstance(l, torch.Tensor):
-            torch.testing.assert_close(r.grad, l.grad)
+    for r, loc in zip(remote_args, local_args):
+        if isinstance(loc, torch.Tensor):
+            torch.testing.assert_close(r.grad, loc.grad)
 
 
 def test_square_through_the_network_fills_x_grad(client: GradientClient) -> None:
@@ -139,8 +139,11 @@ def test_backward_recomputes_when_the_handle_is_gone(client: GradientClient, ser
 def test_handle_and_recompute_backward_are_bit_identical(server: RunningServer) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.GradientServiceStub(channel)
-        args = [codec.encode_value(randn(8, 3).requires_grad_()), codec.encode_value(randn(5, 3, seed=1).requires_grad_()),
-                codec.encode_value(randn(5, seed=2).requires_grad_())]
+        args = [
+            codec.encode_value(randn(8, 3).requires_grad_()),
+            codec.encode_value(randn(5, 3, seed=1).requires_grad_()),
+            codec.encode_value(randn(5, seed=2).requires_grad_()),
+        ]
         upstream = [codec.encode_maybe_tensor(randn(8, 5, seed=3))]
         fwd = stub.Forward(pb.ForwardRequest(function="linear", args=args, keep_graph=True), timeout=10)
         assert fwd.handle and fwd.handle_ttl_ms > 0
@@ -181,7 +184,9 @@ def test_errors_have_codes_and_messages(client: GradientClient) -> None:
     with pytest.raises(FunctionFailedError, match="forward_raises forward raised ValueError: x must be positive"):
         client.forward("forward_raises", torch.ones(1))
     with pytest.raises(FunctionFailedError, match="article_cube_plus_square backward") as err:
-        client.forward_backward("article_cube_plus_square", torch.tensor(2.0, requires_grad=True), torch.tensor(3.0, requires_grad=True))
+        client.forward_backward(
+            "article_cube_plus_square", torch.tensor(2.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
+        )
     assert err.value.code is grpc.StatusCode.FAILED_PRECONDITION
     # The server keeps serving everyone else.
     assert client.forward_backward("square", torch.tensor(1.0, requires_grad=True)).grads[0].item() == 2.0

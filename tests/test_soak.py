@@ -13,7 +13,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_quick_soak_passes() -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--quick"],
-        cwd=ROOT, capture_output=True, text=True, timeout=55,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=55,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -76,7 +75,9 @@ def test_every_kind_of_value_streams(target: str) -> None:
         for shape in [(), (0,), (3, 0, 2)]:
             x = torch.ones(shape)
             assert streamed.forward("identity", x).shape == x.shape == unary.forward("identity", x).shape
-        fb = streamed.forward_backward("two_outputs", torch.tensor([1.0, 2.0], requires_grad=True), grad_outputs=[None, torch.ones(2)])
+        fb = streamed.forward_backward(
+            "two_outputs", torch.tensor([1.0, 2.0], requires_grad=True), grad_outputs=[None, torch.ones(2)]
+        )
         assert fb.grads[0].tolist() == [1.0, 1.0]
 
 
@@ -121,11 +122,18 @@ def test_malformed_streams(target: str, messages: list[pb.StreamRequest], needle
 
 
 def test_chunks_and_assembler_agree_on_any_split() -> None:
-    payloads = [codec.wire_bytes(torch.arange(10, dtype=torch.float32)), codec.wire_bytes(torch.empty(0)),
-                codec.wire_bytes(torch.arange(3, dtype=torch.int16))]
-    msg = pb.ForwardRequest(args=[pb.Value(tensor=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[10])),
-                                  pb.Value(tensor=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[0])),
-                                  pb.Value(tensor=pb.Tensor(dtype=pb.DTYPE_INT16, shape=[3]))])
+    payloads = [
+        codec.wire_bytes(torch.arange(10, dtype=torch.float32)),
+        codec.wire_bytes(torch.empty(0)),
+        codec.wire_bytes(torch.arange(3, dtype=torch.int16)),
+    ]
+    msg = pb.ForwardRequest(
+        args=[
+            pb.Value(tensor=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[10])),
+            pb.Value(tensor=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[0])),
+            pb.Value(tensor=pb.Tensor(dtype=pb.DTYPE_INT16, shape=[3])),
+        ]
+    )
     for chunk_bytes in (1, 3, 7, 46, 1000):
         assembler = streaming.Assembler(msg)
         for chunk in streaming.chunks(payloads, chunk_bytes):
