@@ -141,7 +141,8 @@ def create_server(config: ServerConfig, registry: Registry | None = None) -> Run
         futures.ThreadPoolExecutor(max_workers=config.max_workers + _SPARE_THREADS, thread_name_prefix="gradserve"),
         interceptors=[TokenAuthInterceptor(tokens)] if tokens else [],
         options=[
-            ("grpc.max_receive_message_length", config.max_request_bytes),
+            # A C int in gRPC; larger requests must stream anyway (protobuf's 2 GiB ceiling).
+            ("grpc.max_receive_message_length", min(config.max_request_bytes, 2**31 - 1)),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),
         ],
