@@ -75,11 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return _check(args.functions)
     if args.command == "health":
-        return _health(args.target, args.service, args.timeout_s)
-    from gradserve.client import GradientClient, GradServeError
+        return _health(args)
+    from gradserve.client import GradServeError
 
     try:
-        with GradientClient(args.target, timeout=args.timeout_s) as client:
+        with _client(args) as client:
             if args.command == "list":
                 return _list(client)
             return _call(client, args.name, args.args, args.dtype)
@@ -95,6 +95,38 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
         help="server address HOST:PORT (default: %(default)s) [env GRADSERVE_TARGET]",
     )
     parser.add_argument("--timeout-s", type=float, default=30.0, help="deadline in seconds (default: %(default)s)")
+    parser.add_argument(
+        "--tls-ca-file",
+        default=os.environ.get("GRADSERVE_TLS_CA_FILE", ""),
+        help="PEM CA that signed the server's certificate; turns TLS on [env GRADSERVE_TLS_CA_FILE]",
+    )
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's trusted CAs")
+    parser.add_argument("--tls-cert-file", default="", help="PEM client certificate, for mutual TLS")
+    parser.add_argument("--tls-key-file", default="", help="PEM client key, for mutual TLS")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("GRADSERVE_TOKEN", ""),
+        help="bearer token (prefer the env variable) [env GRADSERVE_TOKEN]",
+    )
+
+
+def _client(args: argparse.Namespace) -> Any:
+    """A GradientClient from the --target / TLS / token flags."""
+    from gradserve.client import GradientClient
+
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    return GradientClient(
+        args.target,
+        timeout=args.timeout_s,
+        tls=args.tls,
+        root_certificates=read(args.tls_ca_file) if args.tls_ca_file else None,
+        private_key=read(args.tls_key_file) if args.tls_key_file else None,
+        certificate_chain=read(args.tls_cert_file) if args.tls_cert_file else None,
+        token=args.token or None,
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -127,18 +159,19 @@ def _check(modules: Sequence[str]) -> int:
     return 1 if failed else 0
 
 
-def _health(target: str, service: str, timeout_s: float) -> int:
+def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(target) as channel:
+    with _client(args) as client:  # its channel carries the TLS settings
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+            request = health_pb2.HealthCheckRequest(service=args.service)
+            reply = health_pb2_grpc.HealthStub(client._channel).Check(request, timeout=args.timeout_s)
         except grpc.RpcError as exc:
-            print(f"{target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(f"{args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"{target}: {status}")
+    print(f"{args.target}: {status}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 

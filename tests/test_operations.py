@@ -297,3 +297,18 @@ def test_cpu_quota_is_at_least_one_and_at_most_the_affinity() -> None:
     from gradserve.server._server import cpu_quota
 
     assert 1 <= cpu_quota() <= len(os.sched_getaffinity(0))
+
+
+def test_cli_health_and_list_over_tls_with_a_token(pki: dict) -> None:
+    from gradserve.server._cli import main
+
+    running = tls_server(pki, auth_tokens="s3cret")
+    target = f"127.0.0.1:{running.port}"
+    ca = str(pki["dir"] / "ca.pem")
+    try:
+        assert main(["health", "--target", target, "--tls-ca-file", ca]) == 0  # no token needed for probes
+        assert main(["health", "--target", target, "--timeout-s", "3"]) == 1  # plaintext against TLS
+        assert main(["list", "--target", target, "--tls-ca-file", ca, "--token", "s3cret"]) == 0
+        assert main(["list", "--target", target, "--tls-ca-file", ca, "--token", "wrong"]) == 1
+    finally:
+        running.stop(0)
