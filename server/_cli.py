@@ -9,8 +9,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from ._config import add_serve_arguments, config_from_args
 
 __all__ = ["main"]
@@ -114,19 +112,22 @@ def _client(args: argparse.Namespace) -> Any:
     """A GradientClient from the --target / TLS / token flags."""
     from gradserve.client import GradientClient
 
-    def read(path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
-
     return GradientClient(
         args.target,
         timeout=args.timeout_s,
         tls=args.tls,
-        root_certificates=read(args.tls_ca_file) if args.tls_ca_file else None,
-        private_key=read(args.tls_key_file) if args.tls_key_file else None,
-        certificate_chain=read(args.tls_cert_file) if args.tls_cert_file else None,
+        root_certificates=_read(args.tls_ca_file),
+        private_key=_read(args.tls_key_file),
+        certificate_chain=_read(args.tls_cert_file),
         token=args.token or None,
     )
+
+
+def _read(path: str) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -160,13 +161,19 @@ def _check(modules: Sequence[str]) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
+    # Raw grpc, not GradientClient: a container healthcheck should not pay torch's import.
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with _client(args) as client:  # its channel carries the TLS settings
+    if args.tls or args.tls_ca_file:
+        credentials = grpc.ssl_channel_credentials(*(_read(p) for p in (args.tls_ca_file, args.tls_key_file, args.tls_cert_file)))
+        channel = grpc.secure_channel(args.target, credentials)
+    else:
+        channel = grpc.insecure_channel(args.target)
+    with channel:
         try:
             request = health_pb2.HealthCheckRequest(service=args.service)
-            reply = health_pb2_grpc.HealthStub(client._channel).Check(request, timeout=args.timeout_s)
+            reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=args.timeout_s)
         except grpc.RpcError as exc:
             print(f"{args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -183,7 +190,9 @@ def _list(client: Any) -> int:
     return 0
 
 
-def _parse_arg(text: str, dtype: torch.dtype) -> Any:
+def _parse_arg(text: str, dtype: Any) -> Any:
+    import torch
+
     scalar = text.startswith("s:")
     try:
         value = json.loads(text[2:] if scalar else text)
@@ -197,6 +206,8 @@ def _parse_arg(text: str, dtype: torch.dtype) -> Any:
 
 
 def _call(client: Any, name: str, raw_args: Sequence[str], dtype_name: str) -> int:
+    import torch
+
     dtype = getattr(torch, dtype_name, None)
     if not isinstance(dtype, torch.dtype):
         raise SystemExit(f"gradserve call: --dtype {dtype_name!r} is not a torch dtype")
@@ -210,7 +221,7 @@ def _call(client: Any, name: str, raw_args: Sequence[str], dtype_name: str) -> i
     return 0
 
 
-def _show(t: torch.Tensor) -> str:
+def _show(t: Any) -> str:
     values = t.tolist()
     return f"{values}  ({str(t.dtype).removeprefix('torch.')}, shape {list(t.shape)})"
 
