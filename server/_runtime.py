@@ -337,7 +337,9 @@ class Runtime:
         grad_outputs: Sequence[torch.Tensor | None] | None,
     ) -> list[torch.Tensor | None]:
         if grad_outputs is None or len(grad_outputs) == 0:
-            return [torch.ones_like(o) if o.requires_grad else None for o in outputs]
+            # Ones broadcast from one element: the gradient of out.sum(), as autograd itself
+            # passes it, without allocating an output-sized tensor.
+            return [torch.ones((), dtype=o.dtype, device=o.device).expand_as(o) if o.requires_grad else None for o in outputs]
         if len(grad_outputs) != len(outputs):
             raise InvalidArgument(f"{entry.name} returned {len(outputs)} output(s), got {len(grad_outputs)} grad_outputs")
         checked: list[torch.Tensor | None] = []

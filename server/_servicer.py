@@ -9,9 +9,9 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -67,14 +67,18 @@ class _Call(threading.local):
 
 _call = _Call()
 
+# Request ids: a per-process random prefix and a counter (uuid4 cost 2.5% of a small call).
+_ID_PREFIX = os.urandom(3).hex() + "-"
+_ids = itertools.count(1)
+
 
 def _rpc(method: Callable[[Any, Any, grpc.ServicerContext], R]) -> Callable[[Any, Any, grpc.ServicerContext], R]:
     """Run one RPC: refuse it while loading, count and log it, turn exceptions into a status."""
 
     @functools.wraps(method)
     def wrapper(self: GradientServicer, request: Any, context: grpc.ServicerContext) -> R:
-        metadata = dict(context.invocation_metadata() or ())
-        request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex[:12])[:64]
+        sent_id = next((v for k, v in context.invocation_metadata() or () if k == "x-request-id"), None)
+        request_id = str(sent_id)[:64] if sent_id else f"{_ID_PREFIX}{next(_ids):x}"
         _call.function = getattr(request, "function", "")
         _call.bytes_in = request.ByteSize() if isinstance(request, Message) else 0
         start = time.perf_counter()
@@ -97,23 +101,24 @@ def _rpc(method: Callable[[Any, Any, grpc.ServicerContext], R]) -> Callable[[Any
             if self.metrics is not None:
                 out = response.ByteSize() if isinstance(response, Message) else getattr(response, "nbytes", 0)
                 self.metrics.observe(_call.function, method.__name__, code.name, duration_s, _call.bytes_in, out)
-            fields = {
-                "request_id": request_id,
-                "method": method.__name__,
-                "function": _call.function,
-                "code": code.name,
-                "duration_ms": round(1e3 * duration_s, 3),
-                "peer": context.peer(),
-            }
-            log.info(
-                "request=%s method=%s function=%s code=%s duration_ms=%.2f",
-                request_id,
-                method.__name__,
-                _call.function,
-                code.name,
-                fields["duration_ms"],
-                extra=fields,
-            )
+            if log.isEnabledFor(logging.INFO):  # --log-level WARNING skips the work (about 6% of a small call)
+                fields = {
+                    "request_id": request_id,
+                    "method": method.__name__,
+                    "function": _call.function,
+                    "code": code.name,
+                    "duration_ms": round(1e3 * duration_s, 3),
+                    "peer": context.peer(),
+                }
+                log.info(
+                    "request=%s method=%s function=%s code=%s duration_ms=%.2f",
+                    request_id,
+                    method.__name__,
+                    _call.function,
+                    code.name,
+                    fields["duration_ms"],
+                    extra=fields,
+                )
 
     return wrapper
 
