@@ -36,10 +36,12 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
     """Require ``authorization: Bearer <token>`` on every call but health and reflection.
 
     A missing or malformed header gets UNAUTHENTICATED; a token not in ``tokens`` gets
-    PERMISSION_DENIED. Tokens are compared in constant time.
+    PERMISSION_DENIED. Tokens are compared in constant time. Each refusal is logged
+    (never the token) and reported to ``on_refused(method_path, code)``.
     """
 
-    def __init__(self, tokens: Iterable[str]) -> None:
+    def __init__(self, tokens: Iterable[str], on_refused: Callable[[str, grpc.StatusCode], None] | None = None) -> None:
+        self._on_refused = on_refused
         self._tokens = tuple(t.encode() for t in tokens)
         if not self._tokens:
             raise ValueError("token authentication needs at least one token")
@@ -52,9 +54,11 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         if denial is None or handler is None:
             return handler
         code, message = denial
-        log.warning("refused %s: %s", details.method, message)
 
         def deny(_request: Any, context: grpc.ServicerContext) -> Any:
+            log.warning("refused %s from %s: %s: %s", details.method, context.peer(), code.name, message)
+            if self._on_refused is not None:
+                self._on_refused(details.method, code)
             context.abort(code, message)
 
         kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")

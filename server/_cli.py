@@ -68,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_target(call_p)
 
     args = parser.parse_args(argv)
+    if args.command in ("serve", "check") and os.getcwd() not in sys.path:
+        # As `python -m` does: --functions my_functions finds ./my_functions.py.
+        sys.path.insert(0, os.getcwd())
     if args.command == "serve":
         return _serve(args)
     if args.command == "check":
@@ -156,7 +159,9 @@ def _check(modules: Sequence[str]) -> int:
     results = [check_function(f) for f in registry]
     print(format_table(results))
     failed = [r.name for r in results if not r.ok]
-    print(f"\n{len(results) - len(failed)} of {len(results)} passed" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    skipped = [r.name for r in results if r.first_order == "skip"]
+    passed = len(results) - len(failed) - len(skipped)
+    print(f"\n{passed} passed, {len(skipped)} skipped, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 

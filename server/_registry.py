@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import logging
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -106,7 +109,8 @@ def _version(obj: Any) -> str:
 
 
 def _first_paragraph(obj: Any) -> str:
-    doc = inspect.getdoc(obj) or ""
+    # The object's own docstring: inspect.getdoc would fall back to torch.autograd.Function's.
+    doc = inspect.cleandoc(obj.__dict__.get("__doc__") or "" if isinstance(obj, type) else obj.__doc__ or "")
     return doc.split("\n\n", 1)[0].replace("\n", " ").strip()
 
 
@@ -209,13 +213,29 @@ def register(name: str | None = None, **options: Any) -> Callable[[F], F]:
     return registry.register(name, **options)
 
 
+def _import(module: str) -> None:
+    """Import a dotted module name, or a ``.py`` file by path (``./my_functions.py``)."""
+    if not module.endswith(".py"):
+        importlib.import_module(module)
+        return
+    path = Path(module).resolve()
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None or spec.loader is None or not path.is_file():
+        raise ModuleNotFoundError(f"no such file: {path}")
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = loaded
+    spec.loader.exec_module(loaded)
+
+
 def load_modules(modules: Iterable[str], *, entry_points: bool = True) -> Registry:
     """Import modules that register Functions, then the ``gradserve.functions`` entry points.
 
     Parameters
     ----------
     modules
-        Dotted module names. Empty means :data:`DEFAULT_MODULE`, the built-in examples.
+        Dotted module names, importable from ``sys.path`` (the ``gradserve`` command
+        puts the current directory first), or paths of ``.py`` files. Empty means
+        :data:`DEFAULT_MODULE`, the built-in examples.
     entry_points
         Also load every entry point in the ``gradserve.functions`` group.
 
@@ -234,7 +254,7 @@ def load_modules(modules: Iterable[str], *, entry_points: bool = True) -> Regist
     names = list(modules) or [DEFAULT_MODULE]
     for module in names:
         try:
-            importlib.import_module(module)
+            _import(module)
         except RegistrationError:
             raise
         except Exception as exc:

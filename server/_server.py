@@ -136,19 +136,19 @@ def create_server(config: ServerConfig, registry: Registry | None = None) -> Run
     device = resolve_device(config.device)
     credentials = _credentials(config)
     tokens = load_tokens(config.auth_tokens, config.auth_tokens_file)
+    servicer = GradientServicer(
+        max_tensor_bytes=config.max_tensor_bytes, max_request_bytes=config.max_request_bytes, max_concurrent=config.max_workers
+    )
     server = grpc.server(
         # Threads beyond the compute slots keep health, ListFunctions and queued calls moving.
         futures.ThreadPoolExecutor(max_workers=config.max_workers + _SPARE_THREADS, thread_name_prefix="gradserve"),
-        interceptors=[TokenAuthInterceptor(tokens)] if tokens else [],
+        interceptors=[TokenAuthInterceptor(tokens, servicer.record_refusal)] if tokens else [],
         options=[
             # A C int in gRPC; larger requests must stream anyway (protobuf's 2 GiB ceiling).
             ("grpc.max_receive_message_length", min(config.max_request_bytes, 2**31 - 1)),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),
         ],
-    )
-    servicer = GradientServicer(
-        max_tensor_bytes=config.max_tensor_bytes, max_request_bytes=config.max_request_bytes, max_concurrent=config.max_workers
     )
     pb_grpc.add_GradientServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
@@ -181,15 +181,16 @@ def create_server(config: ServerConfig, registry: Registry | None = None) -> Run
     servicer.attach(runtime, metrics)
     _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "serving %d function(s) on %s:%d (%s%s), device %s%s: %s",
-        len(registry),
+        "serving %d function(s)%s on %s:%d (%s%s), device %s%s: %s",
+        len(registry) - len(runtime.unavailable),
+        f" ({len(runtime.unavailable)} more unavailable)" if runtime.unavailable else "",
         config.host,
         port,
         "TLS" if credentials else "plaintext",
         ", tokens required" if tokens else "",
         device,
         f", metrics on :{metrics_port}/metrics" if metrics_port else "",
-        ", ".join(f.name for f in registry),
+        ", ".join(f.name for f in registry if f.name not in runtime.unavailable),
     )
     return RunningServer(server, port, health_servicer, runtime, metrics, metrics_port)
 

@@ -111,12 +111,13 @@ def _rpc(method: Callable[[Any, Any, grpc.ServicerContext], R]) -> Callable[[Any
                     "peer": context.peer(),
                 }
                 log.info(
-                    "request=%s method=%s function=%s code=%s duration_ms=%.2f",
+                    "request=%s method=%s function=%s code=%s duration_ms=%.2f peer=%s",
                     request_id,
                     method.__name__,
                     _call.function,
                     code.name,
                     fields["duration_ms"],
+                    fields["peer"],
                     extra=fields,
                 )
 
@@ -175,6 +176,11 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self.max_tensor_bytes = max_tensor_bytes
         self.max_request_bytes = max_request_bytes
         self._compute = threading.BoundedSemaphore(max_concurrent)
+
+    def record_refusal(self, method_path: str, code: grpc.StatusCode) -> None:
+        """Count a call an interceptor refused (bad token), under its method name."""
+        if self.metrics is not None:
+            self.metrics.observe("", method_path.rsplit("/", 1)[-1], code.name, 0.0, 0, 0)
 
     def attach(self, runtime: Runtime, metrics: Metrics) -> None:
         """Start serving ``runtime``, recording into ``metrics``."""

@@ -102,7 +102,7 @@ def _ready(client: GradientClient) -> bool:
 def test_check_passes_the_examples() -> None:
     result = cli("check", timeout_s=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "8 of 8 passed" in result.stdout
+    assert "7 passed, 1 skipped, 0 failed" in result.stdout
     assert "straight_through_sign  skip" in result.stdout
 
 
@@ -138,3 +138,21 @@ def test_health_command(proc: ServerProcess) -> None:
     assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
     down = cli("health", "--target", f"127.0.0.1:{free_port()}", "--timeout-s", "2")
     assert down.returncode == 1
+
+
+def test_functions_from_the_current_directory_or_a_file(tmp_path) -> None:
+    (tmp_path / "my_functions.py").write_text(
+        "import torch\nfrom gradserve.server import register\n\n@register('triple')\ndef triple(x):\n    return 3 * x\n"
+    )
+    env = dict(os.environ, PYTHONPATH="")
+    for spec in ("my_functions", str(tmp_path / "my_functions.py")):
+        run = subprocess.run(
+            [sys.executable, "-m", "gradserve.server._cli", "check", "--functions", spec],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+            env=env,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "triple" in run.stdout and "1 passed, 0 skipped, 0 failed" in run.stdout

@@ -167,6 +167,8 @@ def test_bearer_tokens(tmp_path: Path) -> None:
             client.list_functions()
         with GradientClient(target, timeout=10, token="wrong") as client, pytest.raises(PermissionDeniedError):
             client.forward("square", torch.ones(1))
+        refused = running.metrics.requests.labels("", "Forward", "PERMISSION_DENIED")._value.get()
+        assert refused == 1.0  # refusals are counted (and logged), not silent
         assert health_status(target) == SERVING  # probes need no token
     finally:
         running.stop(0)

@@ -39,7 +39,15 @@ def test_function_class_and_callable() -> None:
     assert double.apply(torch.tensor(3.0)).item() == 6.0
     assert add_entry.kind == "callable" and add_entry.num_inputs == 2
     assert len(double.version) == 12
-    assert [f.name for f in reg] == ["add", "double"]
+
+    @reg.register("undocumented")
+    class Undocumented(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    assert reg.get("undocumented").doc == ""  # not torch.autograd.Function's own docstring
+    assert [f.name for f in reg] == ["add", "double", "undocumented"]
 
 
 def test_arity_with_setup_context_and_varargs() -> None:
