@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 from . import _messages as m
 from . import streaming
-from ._errors import from_rpc_error
+from ._errors import ResourceExhaustedError, from_rpc_error
 from ._messages import ChannelSettings, ForwardBackwardResult, FunctionInfo, Outputs
 
 __all__ = ["AsyncGradientClient"]
@@ -90,13 +91,23 @@ class AsyncGradientClient:
         self, kind: str, request: Any, payloads: list[torch.Tensor] | None, timeout: float | None
     ) -> tuple[Any, Any]:
         if payloads is None:
-            return await self._call(getattr(self._stub, _UNARY[kind]), request, timeout), None
+            try:
+                return await self._call(getattr(self._stub, _UNARY[kind]), request, timeout), None
+            except ResourceExhaustedError as error:
+                if error.reason != "RESPONSE_TOO_LARGE":
+                    raise
+                payloads = m.move_data_out(request)  # the reply needs the stream: ask again that way
+        call = self._stub.StreamCall(timeout=self.timeout if timeout is None else timeout, metadata=self._settings.metadata())
         try:
-            call = self._stub.StreamCall(
-                m.stream_requests(kind, request, payloads),
-                timeout=self.timeout if timeout is None else timeout,
-                metadata=self._settings.metadata(),
-            )
+            for message in m.stream_requests(kind, request, payloads):
+                if call.done():  # the server answered early (a refusal): stop sending, read its status
+                    break
+                await call.write(message)
+            else:
+                await call.done_writing()
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            pass  # writing to a finished call: its status, read below, says why
+        try:
             assembler = None
             async for message in call:  # (grpc.aio forbids mixing read() with async for)
                 if assembler is None:
@@ -104,6 +115,7 @@ class AsyncGradientClient:
                 else:
                     assembler.feed(message.data)
             if assembler is None:
+                await call  # raises the call's error status, if any
                 header, assembler = m.read_stream_header(None, kind)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None

@@ -14,7 +14,7 @@ from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 from . import _messages as m
 from . import streaming
-from ._errors import HandleNotFoundError, from_rpc_error
+from ._errors import HandleNotFoundError, ResourceExhaustedError, from_rpc_error
 from ._messages import ChannelSettings, ForwardBackwardResult, Forwarded, FunctionInfo, Outputs
 
 __all__ = ["GradientClient"]
@@ -225,7 +225,12 @@ class GradientClient:
         Returns the response and, for a streamed call, an iterator of the response's tensor bytes.
         """
         if payloads is None:
-            return self._call(getattr(self._stub, _UNARY[kind]), request, timeout), None
+            try:
+                return self._call(getattr(self._stub, _UNARY[kind]), request, timeout), None
+            except ResourceExhaustedError as error:
+                if error.reason != "RESPONSE_TOO_LARGE":
+                    raise
+                payloads = m.move_data_out(request)  # the reply needs the stream: ask again that way
         try:
             responses = self._stub.StreamCall(
                 m.stream_requests(kind, request, payloads),

@@ -61,6 +61,10 @@ if _declared != set(WIRE_TO_DTYPE):
 
 _INT64_MAX = 2**63 - 1
 
+MAX_DIMS = 64
+"""Most dimensions a tensor may have (torch's own kernels stop at 25 to 64; a rank of
+100,000 in a 100 KB request would cost minutes of CPU in shape arithmetic)."""
+
 
 class CodecError(ValueError):
     """A message does not describe a valid tensor or value (maps to INVALID_ARGUMENT)."""
@@ -74,13 +78,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _shape_text(shape: Any) -> str:
+    """A shape for an error message, cut short so hostile input cannot bloat the reply."""
+    dims = list(shape)
+    return str(dims) if len(dims) <= 8 else f"[{', '.join(map(str, dims[:8]))}, ... ({len(dims)} dimensions)]"
+
+
 def tensor_nbytes(msg: pb.Tensor, *, what: str = "tensor") -> int:
     """Number of data bytes the tensor's dtype and shape call for, in bytes.
 
     Raises
     ------
     CodecError
-        The dtype is DTYPE_UNSPECIFIED or unknown, or a dimension is negative.
+        The dtype is DTYPE_UNSPECIFIED or unknown, more than :data:`MAX_DIMS`
+        dimensions, or a dimension is negative.
     TensorTooLarge
         The size in bytes overflows int64.
     """
@@ -89,17 +100,19 @@ def tensor_nbytes(msg: pb.Tensor, *, what: str = "tensor") -> int:
         name = "DTYPE_UNSPECIFIED" if msg.dtype == pb.DTYPE_UNSPECIFIED else f"unknown value {msg.dtype}"
         expected = ", ".join(pb.DType.Name(v) for v in sorted(WIRE_TO_DTYPE))
         raise CodecError(f"{what}: dtype is {name}; expected one of {expected}")
+    if len(msg.shape) > MAX_DIMS:
+        raise CodecError(f"{what}: tensor has {len(msg.shape)} dimensions; at most {MAX_DIMS} are accepted")
     numel, span = 1, 1
     for dim in msg.shape:
         if dim < 0:
-            raise CodecError(f"{what}: shape {list(msg.shape)} has a negative dimension")
+            raise CodecError(f"{what}: shape {_shape_text(msg.shape)} has a negative dimension")
         numel *= dim  # Python ints: no overflow while we check
         span *= max(dim, 1)
     itemsize = dtype.itemsize
     if numel * itemsize > _INT64_MAX:
-        raise TensorTooLarge(f"{what}: shape {list(msg.shape)} has {numel} elements, over the int64 limit")
+        raise TensorTooLarge(f"{what}: shape {_shape_text(msg.shape)} has {numel} elements, over the int64 limit")
     if span * itemsize > _INT64_MAX:  # even with zero elements, torch's strides would overflow
-        raise CodecError(f"{what}: shape {list(msg.shape)} overflows int64 strides, though it has {numel} elements")
+        raise CodecError(f"{what}: shape {_shape_text(msg.shape)} overflows int64 strides, though it has {numel} elements")
     return numel * itemsize
 
 
@@ -139,12 +152,15 @@ def decode_tensor(
     shape = list(msg.shape)
     if max_bytes is not None and nbytes > max_bytes:
         raise TensorTooLarge(
-            f"{what}: {_dtype_name(dtype)} tensor of shape {shape} is {nbytes} bytes, over the limit of {max_bytes} bytes"
+            f"{what}: {_dtype_name(dtype)} tensor of shape {_shape_text(shape)} is {nbytes} bytes, "
+            f"over the limit of {max_bytes} bytes"
         )
     raw = next(payloads) if payloads is not None else None
     got = len(msg.data) + (raw.numel() if raw is not None else 0)
     if got != nbytes:
-        raise CodecError(f"{what}: {_dtype_name(dtype)} tensor of shape {shape} needs {nbytes} bytes of data, got {got}")
+        raise CodecError(
+            f"{what}: {_dtype_name(dtype)} tensor of shape {_shape_text(shape)} needs {nbytes} bytes of data, got {got}"
+        )
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     if raw is None:
@@ -162,7 +178,7 @@ def wire_bytes(tensor: torch.Tensor) -> torch.Tensor:
     One device-to-host transfer for a CUDA tensor; no copy for a contiguous CPU tensor.
     """
     flat = tensor.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
-    if flat.numel() and flat.stride(0) != 1:  # size-1 dims count as contiguous at any stride
+    if flat.stride(0) != 1:  # size-0 and size-1 dims count as contiguous at any stride
         flat = flat.clone(memory_format=torch.contiguous_format)
     return flat.view(torch.uint8)
 
@@ -263,7 +279,7 @@ def decode_value(
         if msg.tensor.requires_grad:
             if not (tensor.is_floating_point() or tensor.is_complex()):
                 raise CodecError(
-                    f"{what}: requires_grad is set on a {_dtype_name(tensor.dtype)} tensor; "
+                    f"{what}: requires_grad is set on a tensor of dtype {_dtype_name(tensor.dtype)}; "
                     "only floating point and complex tensors can require gradients"
                 )
             tensor.requires_grad_(True)

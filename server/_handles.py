@@ -83,18 +83,24 @@ class HandleStore:
                 log.info("evicted graph handle %s… of %s (least recently used)", evicted[:6], old.function.name)
         return handle
 
-    def peek(self, handle: str) -> Graph:
-        """The graph under ``handle``, marked as recently used; raises :class:`HandleNotFound`."""
+    def take(self, handle: str) -> Graph:
+        """Remove and return the graph under ``handle``; raises :class:`HandleNotFound`."""
         with self._lock:
             self._expire_locked()
-            graph = self._graphs.get(handle)
+            graph = self._graphs.pop(handle, None)
             if graph is None:
                 raise HandleNotFound(
                     f"graph handle {handle[:6]!r}… is unknown, expired, evicted or already used; "
                     "send the arguments again to recompute"
                 )
-            self._graphs.move_to_end(handle)
+            self._bytes -= graph.nbytes
             return graph
+
+    def restore(self, handle: str, graph: Graph) -> None:
+        """Put back a graph :meth:`take` removed (the request was refused before any work)."""
+        with self._lock:
+            self._graphs[handle] = graph
+            self._bytes += graph.nbytes
 
     def release(self, handles: Iterable[str]) -> int:
         """Forget these handles; returns how many were still held."""

@@ -144,7 +144,8 @@ class Runtime:
         entry = self.registry.get(name)
         if entry is None:
             known = ", ".join(f.name for f in self.registry) or "none"
-            raise FunctionNotFound(f"no function named {name!r}; this server serves: {known}")
+            shown = repr(name) if len(name) <= 128 else f"{name[:128]!r}... ({len(name)} characters)"
+            raise FunctionNotFound(f"no function named {shown}; this server serves: {known}")
         if name in self.unavailable:
             raise FunctionUnavailable(f"{name} is not served: {self.unavailable[name]}")
         return entry
@@ -217,25 +218,26 @@ class Runtime:
         entry = self.function(name)
         if version and version != entry.version:
             raise VersionMismatch(
-                f"{name}: the forward ran version {version}, this server serves version {entry.version}; run the forward again"
+                f"{name}: the forward ran version {version[:64]}, this server serves version {entry.version}; "
+                "run the forward again"
             )
         if handle is not None:
-            graph = self.handles.peek(handle)
-            if graph.function.name != name:
-                raise InvalidArgument(f"handle belongs to function {graph.function.name!r}, not {name!r}")
+            # Taken out of the store at once: of two backwards racing on one handle, the
+            # second gets HandleNotFound (and recomputes), never a half-used graph.
+            graph = self.handles.take(handle)
+            try:
+                if graph.function.name != name:
+                    raise InvalidArgument(f"handle belongs to function {graph.function.name!r}, not {name!r}")
+                cotangents = self._check_grad_outputs(graph.function, graph.outputs, grad_outputs)
+            except InvalidArgument:
+                self.handles.restore(handle, graph)  # a malformed request does not cost the graph
+                raise
             if graph.function.version != entry.version:  # the Function was re-registered since
-                self.handles.release([handle])
                 raise VersionMismatch(
                     f"{name}: the handle's graph is of version {graph.function.version}, "
                     f"this server serves version {entry.version}; run the forward again"
                 )
-            cotangents = self._check_grad_outputs(graph.function, graph.outputs, grad_outputs)
-            try:
-                return self._vjp(graph.function, graph.args, graph.outputs, cotangents, is_active)
-            finally:
-                # Released whatever happened: a graph that failed once would fail again.
-                # Bad grad_outputs are refused before this point and keep the handle.
-                self.handles.release([handle])
+            return self._vjp(graph.function, graph.args, graph.outputs, cotangents, is_active)
         dev_args = self._prepare(entry, args or ())
         outputs, _ = self._run_forward(entry, dev_args, is_active)
         cotangents = self._check_grad_outputs(entry, outputs, grad_outputs)

@@ -33,7 +33,9 @@ __all__ = ["RunningServer", "create_server", "serve"]
 log = logging.getLogger("gradserve.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
-_SPARE_THREADS = 32
+# Threads beyond the compute slots: queued calls and slow uploads each hold one while they
+# wait; health and ListFunctions need one free to answer. 256 idle threads cost little.
+_SPARE_THREADS = 256
 
 
 def cpu_quota() -> int:

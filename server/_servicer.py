@@ -27,7 +27,7 @@ from gradserve.client import codec, streaming
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
-from ._errors import GradServeServerError
+from ._errors import Abandoned, GradServeServerError
 from ._metrics import Metrics
 from ._runtime import ForwardResult, Runtime
 
@@ -40,7 +40,12 @@ ERROR_DOMAIN = "gradserve.dev"
 R = TypeVar("R")
 
 
+_MAX_MESSAGE_CHARS = 2000  # status messages travel in trailers, which clients cap at 16 KiB
+
+
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, reason: str, message: str) -> None:
+    if len(message) > _MAX_MESSAGE_CHARS:
+        message = message[:_MAX_MESSAGE_CHARS] + " [...]"
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
     status = status_pb2.Status(code=code.value[0], message=message, details=[info])
@@ -79,7 +84,7 @@ def _rpc(method: Callable[[Any, Any, grpc.ServicerContext], R]) -> Callable[[Any
     def wrapper(self: GradientServicer, request: Any, context: grpc.ServicerContext) -> R:
         sent_id = next((v for k, v in context.invocation_metadata() or () if k == "x-request-id"), None)
         request_id = str(sent_id)[:64] if sent_id else f"{_ID_PREFIX}{next(_ids):x}"
-        _call.function = getattr(request, "function", "")
+        _call.function = _loggable(getattr(request, "function", ""))
         _call.bytes_in = request.ByteSize() if isinstance(request, Message) else 0
         start = time.perf_counter()
         code, response = grpc.StatusCode.OK, None
@@ -91,6 +96,9 @@ def _rpc(method: Callable[[Any, Any, grpc.ServicerContext], R]) -> Callable[[Any
             return response
         except Exception as exc:
             code, reason, message = _classify(exc)
+            remaining_s = context.time_remaining()
+            if code is grpc.StatusCode.CANCELLED and remaining_s is not None and remaining_s <= 0:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED  # abandoned because the deadline passed
             if code is grpc.StatusCode.INTERNAL:
                 log.exception("request %s: internal error in %s(%s)", request_id, method.__name__, _call.function)
                 message = f"internal server error (request id {request_id}; details in the server log)"
@@ -100,7 +108,9 @@ def _rpc(method: Callable[[Any, Any, grpc.ServicerContext], R]) -> Callable[[Any
             duration_s = time.perf_counter() - start
             if self.metrics is not None:
                 out = response.ByteSize() if isinstance(response, Message) else getattr(response, "nbytes", 0)
-                self.metrics.observe(_call.function, method.__name__, code.name, duration_s, _call.bytes_in, out)
+                # Only served names become label values: callers must not grow the label set.
+                label = _call.function if self.runtime is not None and _call.function in self.runtime.registry else ""
+                self.metrics.observe(label, method.__name__, code.name, duration_s, _call.bytes_in, out)
             if log.isEnabledFor(logging.INFO):  # --log-level WARNING skips the work (about 6% of a small call)
                 fields = {
                     "request_id": request_id,
@@ -122,6 +132,19 @@ def _rpc(method: Callable[[Any, Any, grpc.ServicerContext], R]) -> Callable[[Any
                 )
 
     return wrapper
+
+
+def _loggable(name: str) -> str:
+    """A caller-chosen name, safe for one log line: printable, at most 128 characters."""
+    return name if len(name) <= 128 and name.isprintable() else repr(name[:128])
+
+
+def _until_caller_leaves(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+    """The request stream; a caller that cancels or passes its deadline mid-upload becomes Abandoned."""
+    try:
+        yield from requests
+    except grpc.RpcError as exc:
+        raise Abandoned("caller gone during the upload (cancelled or deadline passed); work abandoned") from exc
 
 
 class _Loading(GradServeServerError):
@@ -224,6 +247,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
 
     @_rpc
     def StreamCall(self, request_iterator: Iterator[pb.StreamRequest], context: grpc.ServicerContext) -> _StreamedReply:
+        request_iterator = _until_caller_leaves(request_iterator, context)
         first = next(request_iterator, None)
         kind = first.WhichOneof("part") if first is not None else None
         if kind not in ("forward", "backward", "forward_backward"):
@@ -231,7 +255,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                 f"StreamCall: the first message must be a header (forward, backward or forward_backward), got {kind}"
             )
         header = getattr(first, kind)
-        _call.function = header.function
+        _call.function = _loggable(header.function)
         self.runtime.function(header.function)  # NOT_FOUND before receiving any data
         assembler = streaming.Assembler(
             header, max_tensor_bytes=self.max_tensor_bytes, max_total_bytes=self.max_request_bytes, what=header.function
@@ -240,6 +264,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             if message.WhichOneof("part") != "data":
                 raise codec.CodecError(f"StreamCall {header.function}: only data chunks may follow the header")
             assembler.feed(message.data)
+        if not context.is_active():  # the stream ended because the caller left, not because it was done
+            raise Abandoned(f"{header.function}: caller gone during the upload; work abandoned")
         _call.bytes_in = first.ByteSize() + sum(assembler.sizes)
         payloads = _Payloads(incoming=assembler.payloads(), outgoing=[])
         handler = {"forward": self._forward, "backward": self._backward, "forward_backward": self._forward_backward}[kind]
@@ -253,6 +279,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self.runtime.function(request.function)  # NOT_FOUND before decoding any tensor
         args = self._decode_args(request.function, request.args, io)
         result = self.runtime.forward(request.function, args, keep_graph=request.keep_graph, is_active=context.is_active)
+        _fits_one_message(io, result.outputs)
         return pb.ForwardResponse(
             outputs=_encode_outputs(result, io),
             returns_tuple=result.returns_tuple,
@@ -276,6 +303,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             version=request.version,
             is_active=context.is_active,
         )
+        _fits_one_message(io, grads)
         return pb.BackwardResponse(grads=[codec.encode_maybe_tensor(g, payloads=io.outgoing) for g in grads])
 
     def _forward_backward(
@@ -285,6 +313,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         args = self._decode_args(request.function, request.args, io)
         grad_outputs = self._decode_grad_outputs(request.function, request.grad_outputs, io)
         result, grads = self.runtime.forward_backward(request.function, args, grad_outputs, context.is_active)
+        _fits_one_message(io, [*result.outputs, *grads])
         return pb.ForwardBackwardResponse(
             outputs=_encode_outputs(result, io),
             returns_tuple=result.returns_tuple,
@@ -306,6 +335,26 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             )
             for i, v in enumerate(values)
         ]
+
+
+# Protobuf cannot serialise a message of 2 GiB or more; leave room for the envelope.
+UNARY_RESPONSE_LIMIT_BYTES = 2**31 - 2**20
+
+
+class _ResponseTooLarge(GradServeServerError):
+    code, reason = "RESOURCE_EXHAUSTED", "RESPONSE_TOO_LARGE"
+
+
+def _fits_one_message(io: _Payloads, tensors: Any) -> None:
+    """Refuse a unary reply over protobuf's 2 GiB ceiling; the client then repeats the call streamed."""
+    if io.outgoing is not None:
+        return
+    total = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    if total > UNARY_RESPONSE_LIMIT_BYTES:
+        raise _ResponseTooLarge(
+            f"{_call.function}: the reply holds {total} bytes of tensors, over the {UNARY_RESPONSE_LIMIT_BYTES} bytes "
+            "one message can carry; call again through StreamCall (gradserve clients do so on their own)"
+        )
 
 
 def _encode_outputs(result: ForwardResult, io: _Payloads) -> list[pb.Tensor]:
