@@ -15,6 +15,7 @@ from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 from . import _messages as m
 from . import streaming
+from ._client import GradientClient
 from ._errors import ResourceExhaustedError, from_rpc_error
 from ._messages import ChannelSettings, ForwardBackwardResult, FunctionInfo, Outputs
 
@@ -52,10 +53,13 @@ class AsyncGradientClient:
         self._settings = ChannelSettings(tls, root_certificates, private_key, certificate_chain, token, options)
         self._channel = self._settings.open_channel(target, grpc.aio)
         self._stub = pb_grpc.GradientServiceStub(self._channel)
+        self._sync: GradientClient | None = None
 
     async def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
+        """Close the channels; calls in flight are cancelled."""
         await self._channel.close()
+        if self._sync is not None:
+            self._sync.close()
 
     async def __aenter__(self) -> AsyncGradientClient:
         return self
@@ -97,29 +101,26 @@ class AsyncGradientClient:
                 if error.reason != "RESPONSE_TOO_LARGE":
                     raise
                 payloads = m.move_data_out(request)  # the reply needs the stream: ask again that way
-        call = self._stub.StreamCall(timeout=self.timeout if timeout is None else timeout, metadata=self._settings.metadata())
-        try:
-            for message in m.stream_requests(kind, request, payloads):
-                if call.done():  # the server answered early (a refusal): stop sending, read its status
-                    break
-                await call.write(message)
-            else:
-                await call.done_writing()
-        except (grpc.RpcError, asyncio.InvalidStateError):
-            pass  # writing to a finished call: its status, read below, says why
-        try:
-            assembler = None
-            async for message in call:  # (grpc.aio forbids mixing read() with async for)
-                if assembler is None:
-                    header, assembler = m.read_stream_header(message, kind)
-                else:
-                    assembler.feed(message.data)
-            if assembler is None:
-                await call  # raises the call's error status, if any
-                header, assembler = m.read_stream_header(None, kind)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        return header, assembler.payloads()
+        # Streamed calls run on the sync client in a worker thread: grpc.aio turns a server's
+        # early refusal of an upload into "INTERNAL: Internal error from Core" when a write
+        # races it, and a large transfer does not miss the event loop's thread.
+        return await asyncio.to_thread(self._streaming_client()._invoke, kind, request, payloads, timeout)
+
+    def _streaming_client(self) -> GradientClient:
+        if self._sync is None:
+            s = self._settings
+            self._sync = GradientClient(
+                self.target,
+                timeout=self.timeout,
+                tls=s.tls,
+                root_certificates=s.root_certificates,
+                private_key=s.private_key,
+                certificate_chain=s.certificate_chain,
+                token=s.token,
+                options=s.options,
+                stream_threshold_bytes=self.stream_threshold_bytes,
+            )
+        return self._sync
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:

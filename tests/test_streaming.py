@@ -183,3 +183,40 @@ def test_tensor_over_2_gib_round_trips() -> None:
         assert y.shape == x.shape and bool((y == 1).all())
     finally:
         big.stop(0)
+
+
+def test_reply_too_large_for_one_message_is_repeated_streamed(target: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradserve.server import _servicer
+
+    monkeypatch.setattr(_servicer, "UNARY_RESPONSE_LIMIT_BYTES", 1000)  # stands for protobuf's 2 GiB
+    x = torch.ones(64, 1, requires_grad=True)  # 256 bytes in; a 16 KiB [64, 64] output
+    w = torch.full((64, 1), 2.0, requires_grad=True)
+
+    async def run_async() -> torch.Tensor:
+        async with AsyncGradientClient(target, timeout=30) as client:
+            return await client.forward("linear", x, w, None)
+
+    with GradientClient(target, timeout=30) as client:
+        result = client.forward_backward("linear", x, w, None)
+    assert torch.equal(result.outputs, torch.full((64, 64), 2.0))
+    assert torch.equal(result.grads[0], torch.full((64, 1), 128.0))
+    assert torch.equal(asyncio.run(run_async()), torch.full((64, 64), 2.0))
+
+
+def test_async_streamed_refusals_keep_their_code() -> None:
+    small = create_server(ServerConfig(port=0, device="cpu", max_request_bytes=2 * MiB), registry)
+
+    async def run() -> list[str]:
+        async with AsyncGradientClient(f"127.0.0.1:{small.port}", timeout=10) as client:
+            codes = []
+            for _ in range(10):
+                try:
+                    await client.forward("square", torch.zeros(4 * MiB // 4))
+                except ResourceExhaustedError as err:
+                    codes.append(err.code.name)
+            return codes
+
+    try:
+        assert asyncio.run(run()) == ["RESOURCE_EXHAUSTED"] * 10
+    finally:
+        small.stop(0)
