@@ -137,14 +137,13 @@ def _serve(args: argparse.Namespace) -> int:
     from ._logging import configure_logging
     from ._server import serve
 
-    config = config_from_args(args)
     try:
+        config = config_from_args(args)
         configure_logging(config.log_level, config.log_format)
-        serve(config)
+        return serve(config)
     except (ImportError, ValueError, OSError) as exc:  # bad module, device, address, TLS file: one clear line
         print(f"gradserve serve: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 def _check(modules: Sequence[str]) -> int:

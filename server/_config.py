@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 __all__ = ["ServerConfig", "add_serve_arguments", "config_from_args"]
 
@@ -25,6 +26,9 @@ class ServerConfig:
     functions: tuple[str, ...] = field(default=())
     device: str = "auto"
     max_workers: int = 16
+    max_concurrent_rpcs: int = 64
+    idle_stream_timeout_s: float = 30.0
+    max_inflight_bytes: int = 1024 * MiB
     intra_op_threads: int = 0
     max_request_bytes: int = 256 * MiB
     max_tensor_bytes: int = 256 * MiB
@@ -35,14 +39,43 @@ class ServerConfig:
     drain_delay_s: float = 0.0
     check: bool = False
     check_finite: bool = False
+    check_timeout_s: float = 60.0
     metrics_port: int = 0
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
     auth_tokens_file: str = ""
     auth_tokens: str = ""
+    open_reflection: bool = False
     log_level: str = "INFO"
     log_format: str = "text"
+
+    def __post_init__(self) -> None:
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if not 0 <= value <= 65535:
+                raise ValueError(f"--{_flag(name)} {value}: not a TCP port (0-65535; 0 picks a free one)")
+        for name in ("max_workers", "max_concurrent_rpcs", "max_request_bytes", "max_tensor_bytes", "max_handles"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)} {getattr(self, name)}: must be at least 1")
+        for name in ("intra_op_threads", "max_inflight_bytes", "max_handle_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{_flag(name)} {getattr(self, name)}: must be 0 or more")
+        for name in ("idle_stream_timeout_s", "check_timeout_s", "handle_ttl_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{_flag(name)} {getattr(self, name)}: must be more than 0 seconds")
+        for name in ("grace_period_s", "drain_delay_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{_flag(name)} {getattr(self, name)}: must be 0 or more seconds")
+        if self.max_concurrent_rpcs < self.max_workers:
+            raise ValueError(
+                f"--max-concurrent-rpcs {self.max_concurrent_rpcs} is below --max-workers {self.max_workers}: "
+                "calls in progress include those computing"
+            )
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
 
 
 _HELP = {
@@ -52,6 +85,14 @@ _HELP = {
     "device": "auto (CUDA when present, else CPU), cpu, cuda or cuda:N",
     "max_workers": "forward/backward computations run at once; more calls wait, while health and ListFunctions still answer",
     "intra_op_threads": "torch intra-op threads; 0 = the CPU quota of this container (cgroup), not the host's core count",
+    "max_concurrent_rpcs": "calls in progress at once (computing, queued for a compute slot, uploading or streaming); "
+    "further calls get RESOURCE_EXHAUSTED at once. Health checks and ListFunctions have capacity of their own",
+    "idle_stream_timeout_s": "seconds a streaming call may wait for the caller's next message before it is cancelled",
+    "max_inflight_bytes": "bytes of requests being received and replies being built, over all calls; a call that does "
+    "not fit waits up to its deadline, then gets RESOURCE_EXHAUSTED. 0 turns the limit off",
+    "check_timeout_s": "with --check: seconds each Function's start-up check may take; one over it is listed as "
+    "unavailable (check timed out)",
+    "open_reflection": "serve reflection without a token even when tokens are required",
     "max_request_bytes": "largest request message, in bytes; larger ones get RESOURCE_EXHAUSTED",
     "max_tensor_bytes": "largest single tensor, in bytes; checked before allocation",
     "max_handles": "most forward graphs kept for a later backward (least recently used evicted)",
@@ -73,8 +114,41 @@ _HELP = {
 }
 
 
+class _FromEnv(str):
+    """An environment variable's raw text, parsed (and its errors reported) only when a server is configured.
+
+    So ``GRADSERVE_PORT=abc`` fails ``gradserve serve`` with a line naming the variable,
+    and does not crash ``gradserve health``, which never reads it.
+    """
+
+    env: str
+
+
+def _from_env(env: str, text: str) -> _FromEnv:
+    value = _FromEnv(text)
+    value.env = env
+    return value
+
+
+def _parser_for(kind: type, flag: str) -> Any:
+    def parse(text: str) -> Any:
+        if isinstance(text, _FromEnv):  # argparse runs string defaults through here: leave them to config_from_args
+            return text
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per :class:`ServerConfig` field, defaulting to its GRADSERVE_* variable."""
+    """Add one flag per :class:`ServerConfig` field, defaulting to its GRADSERVE_* variable.
+
+    A bad flag value is an argparse error naming the flag; a bad variable value is
+    reported by :func:`config_from_args`, naming the variable.
+    """
     for f in fields(ServerConfig):
         flag = "--" + f.name.replace("_", "-")
         env = "GRADSERVE_" + f.name.upper()
@@ -87,18 +161,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             parser.set_defaults(_functions_env=env_default)
             continue
         kind = type(f.default)
+        env_value = _from_env(env, default) if default is not None else f.default
         if kind is bool:
             parser.add_argument(
                 flag,
                 action=argparse.BooleanOptionalAction,
-                default=_parse_bool(env, default) if default is not None else f.default,
+                default=env_value,
                 help=f"{_HELP[f.name]} (default: %(default)s) [env {env}=1|0]",
             )
             continue
         parser.add_argument(
             flag,
-            type=kind,
-            default=kind(default) if default is not None else f.default,
+            type=_parser_for(kind, flag) if kind in (int, float) else kind,
+            default=env_value,
             help=f"{_HELP[f.name]} (default: %(default)s) [env {env}]",
         )
 
@@ -109,11 +184,34 @@ def _parse_bool(env: str, text: str) -> bool:
         return True
     if value in ("0", "false", "no", "off", ""):
         return False
-    raise SystemExit(f"{env}={text!r}: expected 1/0, true/false, yes/no or on/off")
+    raise ValueError(f"{env}={text!r}: expected 1/0, true/false, yes/no or on/off")
+
+
+def _env_value(kind: type, value: _FromEnv) -> Any:
+    if kind is bool:
+        return _parse_bool(value.env, value)
+    if kind is str:
+        return str(value)
+    try:
+        return kind(value.strip())
+    except ValueError:
+        raise ValueError(f"{value.env}={str(value)!r}: expected {'an integer' if kind is int else 'a number'}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    """Build the config from parsed ``serve`` arguments."""
-    values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if f.name != "functions"}
+    """Build the config from parsed ``serve`` arguments.
+
+    Raises
+    ------
+    ValueError
+        A GRADSERVE_* variable does not parse (the message names it), or a value is out
+        of range (the message names the flag).
+    """
+    values = {}
+    for f in fields(ServerConfig):
+        if f.name == "functions":
+            continue
+        value = getattr(args, f.name)
+        values[f.name] = _env_value(type(f.default), value) if isinstance(value, _FromEnv) else value
     functions = tuple(args.functions) if args.functions else args._functions_env
     return ServerConfig(functions=functions, **values)

@@ -34,6 +34,7 @@ class Graph:
     outputs: tuple[torch.Tensor, ...]
     nbytes: int = field(init=False)
     expires_at: float = 0.0
+    owner: str = ""
 
     def __post_init__(self) -> None:
         tensors = [a for a in self.args if isinstance(a, torch.Tensor)] + list(self.outputs)
@@ -63,14 +64,26 @@ class HandleStore:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def put(self, graph: Graph) -> str | None:
-        """Keep ``graph``; return its handle, or None when it alone is over ``max_bytes``."""
+    def fits(self, graph: Graph) -> bool:
+        """Whether :meth:`put` would keep ``graph`` (it is not alone over ``max_bytes``)."""
         if graph.nbytes > self.max_bytes:
             log.info(
                 "not keeping a %d-byte graph of %s: over --max-handle-bytes=%d", graph.nbytes, graph.function.name, self.max_bytes
             )
+            return False
+        return True
+
+    @staticmethod
+    def new_handle() -> str:
+        """A fresh, unguessable handle."""
+        return secrets.token_urlsafe(18)
+
+    def put(self, graph: Graph, owner: str = "", handle: str | None = None) -> str | None:
+        """Keep ``graph`` for ``owner`` under ``handle`` (a new one if None); return it, or None when the graph alone is over ``max_bytes``."""
+        if not self.fits(graph):
             return None
-        handle = secrets.token_urlsafe(18)
+        handle = handle or self.new_handle()
+        graph.owner = owner
         graph.expires_at = time.monotonic() + self.ttl_s
         with self._lock:
             self._expire_locked()
@@ -83,12 +96,18 @@ class HandleStore:
                 log.info("evicted graph handle %s… of %s (least recently used)", evicted[:6], old.function.name)
         return handle
 
-    def take(self, handle: str) -> Graph:
-        """Remove and return the graph under ``handle``; raises :class:`HandleNotFound`."""
+    def take(self, handle: str, owner: str = "") -> Graph:
+        """Remove and return ``owner``'s graph under ``handle``; raises :class:`HandleNotFound`.
+
+        Another owner's handle is not found, exactly like an unknown one, and stays
+        intact for its owner.
+        """
         with self._lock:
             self._expire_locked()
-            graph = self._graphs.pop(handle, None)
-            if graph is None:
+            graph = self._graphs.get(handle)
+            if graph is not None and graph.owner == owner:
+                del self._graphs[handle]
+            else:
                 raise HandleNotFound(
                     f"graph handle {handle[:6]!r}… is unknown, expired, evicted or already used; "
                     "send the arguments again to recompute"
@@ -97,18 +116,21 @@ class HandleStore:
             return graph
 
     def restore(self, handle: str, graph: Graph) -> None:
-        """Put back a graph :meth:`take` removed (the request was refused before any work)."""
+        """Put back a graph :meth:`take` removed (the backward failed), for the same owner."""
         with self._lock:
+            if handle in self._graphs:
+                return
             self._graphs[handle] = graph
             self._bytes += graph.nbytes
 
-    def release(self, handles: Iterable[str]) -> int:
-        """Forget these handles; returns how many were still held."""
+    def release(self, handles: Iterable[str], owner: str = "") -> int:
+        """Forget these handles of ``owner``; returns how many were still held (another owner's are left alone)."""
         released = 0
         with self._lock:
             for handle in handles:
-                graph = self._graphs.pop(handle, None)
-                if graph is not None:
+                graph = self._graphs.get(handle)
+                if graph is not None and graph.owner == owner:
+                    del self._graphs[handle]
                     self._bytes -= graph.nbytes
                     released += 1
         return released

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -16,6 +18,16 @@ __all__ = ["Metrics"]
 
 # Latency buckets in seconds: 0.5 ms (a small call on loopback) to 60 s (large tensors).
 _BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _CounterFromFunction(Collector):
+    """A Prometheus counter (``NAME_total``) whose value another object keeps, read at scrape time."""
+
+    def __init__(self, name: str, documentation: str, value: Callable[[], float]) -> None:
+        self._name, self._doc, self._value = name, documentation, value
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self._name, self._doc, value=self._value())
 
 
 class Metrics:
@@ -49,8 +61,21 @@ class Metrics:
         Gauge("gradserve_handle_bytes", "Bytes of tensors held by kept graphs (a lower bound).", registry=r).set_function(
             lambda: handles.stats()[1]
         )
-        Gauge("gradserve_handle_evictions", "Kept graphs evicted (LRU or expired) so far.", registry=r).set_function(
-            lambda: handles.evictions
+        r.register(_CounterFromFunction("gradserve_handle_evictions", "Kept graphs evicted (LRU or expired).", lambda: handles.evictions))
+        self.auth_refusals = Counter(
+            "gradserve_auth_refusals", "Calls refused for a missing or wrong bearer token.", ["code"], registry=r
+        )
+        self.busy_refusals = Counter(
+            "gradserve_busy_refusals",
+            "Calls refused with RESOURCE_EXHAUSTED by admission: too many calls, or no room in --max-inflight-bytes.",
+            ["reason"],
+            registry=r,
+        )
+        self.idle_stream_cancels = Counter(
+            "gradserve_idle_stream_cancels", "Streams cancelled after --idle-stream-timeout-s without a message.", registry=r
+        )
+        self.inflight_bytes = Gauge(
+            "gradserve_inflight_bytes", "Bytes of requests being received and replies being built (--max-inflight-bytes).", registry=r
         )
         device = runtime.device
         Gauge(

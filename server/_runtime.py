@@ -95,6 +95,7 @@ class ForwardResult:
     differentiable: tuple[bool, ...]
     version: str
     handle: str | None = None
+    pending: Graph | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 class Runtime:
@@ -151,7 +152,14 @@ class Runtime:
         return entry
 
     def forward(
-        self, name: str, args: Sequence[Any], *, keep_graph: bool = False, is_active: Callable[[], bool] = _always
+        self,
+        name: str,
+        args: Sequence[Any],
+        *,
+        keep_graph: bool = False,
+        is_active: Callable[[], bool] = _always,
+        owner: str = "",
+        defer_keep: bool = False,
     ) -> ForwardResult:
         """Run forward under autograd.
 
@@ -164,6 +172,12 @@ class Runtime:
             gradients) and Python scalars.
         keep_graph
             Keep the graph and return a handle for :meth:`backward`.
+        owner
+            The caller's identity; only the same owner can use or release the handle.
+        defer_keep
+            Do not store the graph yet: the result carries its future handle and the
+            graph in ``pending``, and :meth:`keep` stores it once the reply is sure to
+            go out (a refused reply then keeps nothing and evicts nothing).
 
         Raises
         ------
@@ -176,8 +190,17 @@ class Runtime:
         result = self._result(entry, outputs)
         _ensure_active(is_active, entry, "keeping the graph")
         if keep_graph and any(result.differentiable):
-            return dataclasses.replace(result, handle=self.handles.put(Graph(entry, dev_args, outputs[0])))
+            graph = Graph(entry, dev_args, outputs[0])
+            if defer_keep:
+                handle = self.handles.new_handle() if self.handles.fits(graph) else None
+                return dataclasses.replace(result, handle=handle, pending=graph if handle else None)
+            return dataclasses.replace(result, handle=self.handles.put(graph, owner))
         return result
+
+    def keep(self, result: ForwardResult, owner: str = "") -> None:
+        """Store the graph of a ``defer_keep`` forward under its handle, for ``owner``."""
+        if result.pending is not None and result.handle:
+            self.handles.put(result.pending, owner, handle=result.handle)
 
     def backward(
         self,
@@ -188,11 +211,13 @@ class Runtime:
         grad_outputs: Sequence[torch.Tensor | None] | None = None,
         version: str = "",
         is_active: Callable[[], bool] = _always,
+        owner: str = "",
     ) -> list[torch.Tensor | None]:
         """Vector-Jacobian product of a forward's outputs with ``grad_outputs``.
 
-        The graph comes from ``handle`` (released once the backward succeeds) or is
-        recomputed from ``args``; the gradients are identical either way.
+        The graph comes from ``handle`` (released once the backward succeeds; a failed
+        backward leaves it for another try; only ``owner``, the identity that made it,
+        can use it) or is recomputed from ``args``; the gradients are identical either way.
 
         Parameters
         ----------
@@ -224,20 +249,21 @@ class Runtime:
         if handle is not None:
             # Taken out of the store at once: of two backwards racing on one handle, the
             # second gets HandleNotFound (and recomputes), never a half-used graph.
-            graph = self.handles.take(handle)
+            graph = self.handles.take(handle, owner)
             try:
                 if graph.function.name != name:
                     raise InvalidArgument(f"handle belongs to function {graph.function.name!r}, not {name!r}")
                 cotangents = self._check_grad_outputs(graph.function, graph.outputs, grad_outputs)
-            except InvalidArgument:
-                self.handles.restore(handle, graph)  # a malformed request does not cost the graph
+                if graph.function.version != entry.version:  # the Function was re-registered since
+                    raise VersionMismatch(
+                        f"{name}: the handle's graph is of version {graph.function.version}, "
+                        f"this server serves version {entry.version}; run the forward again"
+                    )
+                # retain_graph: a backward that fails midway leaves the graph whole for another try.
+                return self._vjp(graph.function, graph.args, graph.outputs, cotangents, is_active, retain_graph=True)
+            except BaseException:
+                self.handles.restore(handle, graph)  # only a successful backward releases the handle
                 raise
-            if graph.function.version != entry.version:  # the Function was re-registered since
-                raise VersionMismatch(
-                    f"{name}: the handle's graph is of version {graph.function.version}, "
-                    f"this server serves version {entry.version}; run the forward again"
-                )
-            return self._vjp(graph.function, graph.args, graph.outputs, cotangents, is_active)
         dev_args = self._prepare(entry, args or ())
         outputs, _ = self._run_forward(entry, dev_args, is_active)
         cotangents = self._check_grad_outputs(entry, outputs, grad_outputs)
@@ -304,6 +330,7 @@ class Runtime:
         outputs: tuple[torch.Tensor, ...],
         cotangents: Sequence[torch.Tensor | None],
         is_active: Callable[[], bool],
+        retain_graph: bool = False,
     ) -> list[torch.Tensor | None]:
         _ensure_active(is_active, entry, "backward")
         pairs = [(o, g) for o, g in zip(outputs, cotangents) if g is not None and o.requires_grad]
@@ -317,6 +344,7 @@ class Runtime:
                 [dev_args[i] for i in wanted],
                 [g for _, g in pairs],
                 allow_unused=True,
+                retain_graph=retain_graph,
             )
         for i, g in zip(wanted, computed):
             grads[i] = g
@@ -370,8 +398,8 @@ class Runtime:
         except BackwardContractError as exc:
             log.warning("%s", exc)
             raise FunctionError(str(exc)) from exc
-        except Exception as exc:
-            if _is_out_of_memory(exc):
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt too: a Function can neither stop the server nor hang the call
+            if isinstance(exc, Exception) and _is_out_of_memory(exc):
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 raise ResourceExhausted(f"{entry.name} {phase}: out of memory on {self.device}: {exc}") from exc

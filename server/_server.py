@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -20,22 +23,32 @@ from grpc_reflection.v1alpha import reflection
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
+from ._admission import AdmissionExecutor, ByteBudget, ConcurrencyLimit, IdleWatchdog
 from ._auth import TokenAuthInterceptor, load_tokens
-from ._checks import check_function, format_table
+from ._checks import CheckResult, check_function, format_table
 from ._config import ServerConfig
 from ._metrics import Metrics
 from ._registry import Registry, load_modules
 from ._runtime import Runtime, resolve_device
 from ._servicer import GradientServicer
 
-__all__ = ["RunningServer", "create_server", "serve"]
+__all__ = ["EXIT_CONFIG_ERROR", "EXIT_FORCED", "EXIT_OK", "RunningServer", "create_server", "serve"]
 
 log = logging.getLogger("gradserve.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
-# Threads beyond the compute slots: queued calls and slow uploads each hold one while they
-# wait; health and ListFunctions need one free to answer. 256 idle threads cost little.
-_SPARE_THREADS = 256
+# Health checks and ListFunctions have this many call slots (and threads) of their own,
+# beyond --max-concurrent-rpcs, so they answer while every other slot is taken.
+_RESERVED_CALLS = 8
+# Threads for refusals (busy, bad token): each is answered at once, without reading the request.
+_REFUSAL_THREADS = 8
+
+EXIT_OK = 0
+"""Drained (every call finished within the grace period), or stopped during start-up."""
+EXIT_CONFIG_ERROR = 2
+"""Bad configuration or a failed start (``gradserve serve`` prints the reason)."""
+EXIT_FORCED = 3
+"""The grace period ran out with calls still running: the process exited without waiting for them."""
 
 
 def cpu_quota() -> int:
@@ -78,19 +91,34 @@ class RunningServer:
     runtime: Runtime
     metrics: Metrics
     metrics_port: int | None = None
+    limiter: ConcurrencyLimit | None = None
+    watchdog: IdleWatchdog | None = None
+    servicer: GradientServicer | None = field(default=None, repr=False)
 
-    def stop(self, grace_period_s: float | None = None, drain_delay_s: float = 0.0) -> None:
-        """Drain and stop.
+    def stop(self, grace_period_s: float | None = None, drain_delay_s: float = 0.0) -> bool:
+        """Drain and stop; returns True when no call is still running.
 
         Health turns NOT_SERVING at once; calls are still taken for ``drain_delay_s``
         seconds (so load balancers notice), then new calls are refused and those in
-        flight get ``grace_period_s`` seconds to finish.
+        flight get ``grace_period_s`` seconds to finish; after that they are cancelled
+        and this returns without waiting for a Function still running (Python cannot
+        interrupt it): False then.
         """
         self.health.enter_graceful_shutdown()
         if drain_delay_s > 0:
             time.sleep(drain_delay_s)
-        self.grpc_server.stop(grace_period_s).wait()
+        # gRPC cancels what is left when the grace period ends; a Function still running
+        # keeps its thread, so wait for the stop a little past the grace period only.
+        self.grpc_server.stop(grace_period_s).wait(timeout=(grace_period_s or 0.0) + 1.0)
         self.metrics.stop()
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        if self.limiter is None:
+            return True
+        deadline = time.monotonic() + 0.5
+        while self.limiter.in_progress() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.limiter.in_progress() == 0
 
 
 def _set_health(servicer: health.HealthServicer, status: int) -> None:
@@ -105,17 +133,36 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
         return None
     if not (config.tls_cert_file and config.tls_key_file):
         raise ValueError("TLS needs both --tls-cert-file and --tls-key-file")
-    key, cert = Path(config.tls_key_file).read_bytes(), Path(config.tls_cert_file).read_bytes()
-    client_ca = Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+    files = {}
+    for flag, path in (
+        ("--tls-key-file", config.tls_key_file),
+        ("--tls-cert-file", config.tls_cert_file),
+        ("--tls-client-ca-file", config.tls_client_ca_file),
+    ):
+        if path:
+            try:
+                files[flag] = Path(path).read_bytes()
+            except OSError as exc:
+                raise ValueError(f"{flag} {path}: cannot read: {exc.strerror or exc}") from exc
+    client_ca = files.get("--tls-client-ca-file")
+    return grpc.ssl_server_credentials(
+        [(files["--tls-key-file"], files["--tls-cert-file"])], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
-def create_server(config: ServerConfig, registry: Registry | None = None) -> RunningServer:
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def create_server(config: ServerConfig, registry: Registry | None = None, *, stopping: threading.Event | None = None) -> RunningServer:
     """Build and start a server for ``config``; returns once it serves (it does not block).
 
     The port is bound first, with health NOT_SERVING and calls answered UNAVAILABLE
     while the Functions load (and, with ``config.check``, are gradchecked); then health
-    turns SERVING.
+    turns SERVING, or stays NOT_SERVING if no Function can be served.
 
     Parameters
     ----------
@@ -124,27 +171,69 @@ def create_server(config: ServerConfig, registry: Registry | None = None) -> Run
     registry
         Functions to serve. ``None`` imports ``config.functions`` (or the built-in
         examples) and the ``gradserve.functions`` entry points.
+    stopping
+        Set (by a signal handler) to abandon start-up between two checks.
 
     Raises
     ------
     ImportError
         A functions module fails to import.
     ValueError
-        Unknown device, CUDA asked for but absent, incomplete TLS settings, or the
-        address cannot be bound.
-    OSError
-        A TLS or token file cannot be read.
+        Unknown device, CUDA asked for but absent, incomplete or unreadable TLS or token
+        settings (an empty token source too: auth fails closed), or the address or the
+        metrics port cannot be bound; the message names the flag.
     """
     device = resolve_device(config.device)
     credentials = _credentials(config)
     tokens = load_tokens(config.auth_tokens, config.auth_tokens_file)
-    servicer = GradientServicer(
-        max_tensor_bytes=config.max_tensor_bytes, max_request_bytes=config.max_request_bytes, max_concurrent=config.max_workers
+    if tokens and credentials is None and not _is_loopback(config.host):
+        log.warning(
+            "bearer tokens travel in plaintext: --host %s is not a loopback address and TLS is off "
+            "(--tls-cert-file/--tls-key-file); anyone on the path can read and replay them",
+            config.host,
+        )
+    # Filled in once the metrics exist; refusals before that are not counted.
+    metrics_box: list[Metrics] = []
+    budget = ByteBudget(
+        config.max_inflight_bytes,
+        on_change=lambda used: metrics_box[0].inflight_bytes.set(used) if metrics_box else None,
+        on_refused=lambda: metrics_box[0].busy_refusals.labels("inflight_bytes").inc() if metrics_box else None,
     )
+    servicer = GradientServicer(
+        max_tensor_bytes=config.max_tensor_bytes,
+        max_request_bytes=config.max_request_bytes,
+        max_concurrent=config.max_workers,
+        budget=budget,
+        tokens_required=bool(tokens),
+    )
+    watchdog = IdleWatchdog(
+        config.idle_stream_timeout_s,
+        on_cancel=lambda: metrics_box[0].idle_stream_cancels.inc() if metrics_box else None,
+    )
+    executor = AdmissionExecutor(
+        max_workers=config.max_concurrent_rpcs + _RESERVED_CALLS + _REFUSAL_THREADS, thread_name_prefix="gradserve"
+    )
+
+    def on_busy(method: str) -> None:
+        servicer.record_refusal(method, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        if metrics_box:
+            metrics_box[0].busy_refusals.labels("concurrent_rpcs").inc()
+
+    limiter = ConcurrencyLimit(
+        executor,
+        config.max_concurrent_rpcs,
+        reserved_methods=frozenset({"/grpc.health.v1.Health/Check", f"/{SERVICE_NAME}/ListFunctions"}),
+        reserved_calls=_RESERVED_CALLS,
+        watchdog=watchdog,
+        on_refused=on_busy,
+    )
+    interceptors: list[grpc.ServerInterceptor] = []
+    if tokens:  # first: a caller without a token takes no call slot
+        interceptors.append(TokenAuthInterceptor(tokens, servicer.record_refusal, open_reflection=config.open_reflection))
+    interceptors.append(limiter)  # last: it must be the one nearest the handlers
     server = grpc.server(
-        # Threads beyond the compute slots keep health, ListFunctions and queued calls moving.
-        futures.ThreadPoolExecutor(max_workers=config.max_workers + _SPARE_THREADS, thread_name_prefix="gradserve"),
-        interceptors=[TokenAuthInterceptor(tokens, servicer.record_refusal)] if tokens else [],
+        executor,
+        interceptors=interceptors,
         options=[
             # A C int in gRPC; larger requests must stream anyway (protobuf's 2 GiB ceiling).
             ("grpc.max_receive_message_length", min(config.max_request_bytes, 2**31 - 1)),
@@ -161,11 +250,16 @@ def create_server(config: ServerConfig, registry: Registry | None = None) -> Run
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as exc:
-        raise ValueError(f"cannot bind {address}: {exc}") from exc
+        watchdog.stop()
+        raise ValueError(f"--host {config.host} --port {config.port}: cannot bind {address}: {exc}") from exc
+    if not port:
+        watchdog.stop()
+        raise ValueError(f"--host {config.host} --port {config.port}: cannot bind {address}")
     server.start()
     try:
         if registry is None:
             registry = load_modules(config.functions)
+        unavailable = _startup_checks(registry, config.check_timeout_s, stopping) if config.check else {}
         runtime = Runtime(
             registry,
             device,
@@ -173,18 +267,29 @@ def create_server(config: ServerConfig, registry: Registry | None = None) -> Run
             max_handle_bytes=config.max_handle_bytes,
             handle_ttl_s=config.handle_ttl_s,
             check_finite=config.check_finite,
-            unavailable=_startup_checks(registry) if config.check else {},
+            unavailable=unavailable,
         )
         metrics = Metrics(runtime)
-        metrics_port = metrics.serve_http(config.host, config.metrics_port) if config.metrics_port else None
+        metrics_port = None
+        if config.metrics_port:
+            try:
+                metrics_port = metrics.serve_http(config.host, config.metrics_port)
+            except OSError as exc:
+                raise ValueError(f"--metrics-port {config.metrics_port}: cannot serve metrics on {config.host}: {exc.strerror or exc}") from exc
     except BaseException:
         server.stop(0)
+        watchdog.stop()
         raise
+    metrics_box.append(metrics)
     servicer.attach(runtime, metrics)
-    _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+    served = [f.name for f in registry if f.name not in runtime.unavailable]
+    if served:
+        _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+    else:
+        log.warning("no Function can be served (none registered, or every one failed its check): health stays NOT_SERVING")
     log.info(
         "serving %d function(s)%s on %s:%d (%s%s), device %s%s: %s",
-        len(registry) - len(runtime.unavailable),
+        len(served),
         f" ({len(runtime.unavailable)} more unavailable)" if runtime.unavailable else "",
         config.host,
         port,
@@ -192,26 +297,60 @@ def create_server(config: ServerConfig, registry: Registry | None = None) -> Run
         ", tokens required" if tokens else "",
         device,
         f", metrics on :{metrics_port}/metrics" if metrics_port else "",
-        ", ".join(f.name for f in registry if f.name not in runtime.unavailable),
+        ", ".join(served),
     )
-    return RunningServer(server, port, health_servicer, runtime, metrics, metrics_port)
+    return RunningServer(server, port, health_servicer, runtime, metrics, metrics_port, limiter, watchdog, servicer)
 
 
-def _startup_checks(registry: Registry) -> dict[str, str]:
-    """gradcheck every Function; returns {name: reason} for those that failed."""
-    results = [check_function(f) for f in registry]
+class StartupInterrupted(Exception):
+    """A signal asked the server to stop while it was still starting."""
+
+
+def _startup_checks(registry: Registry, timeout_s: float, stopping: threading.Event | None = None) -> dict[str, str]:
+    """gradcheck every Function, each within ``timeout_s`` seconds; returns {name: reason} for those not to serve.
+
+    A check runs in a thread of its own: one that hangs is left behind (Python cannot
+    stop it) and its Function is listed as unavailable.
+    """
+    results: list[CheckResult] = []
+    unavailable: dict[str, str] = {}
+    for entry in registry:
+        box: list[CheckResult] = []
+
+        def run(entry: Any = entry, box: list[CheckResult] = box) -> None:
+            try:
+                box.append(check_function(entry))
+            except BaseException as exc:  # noqa: BLE001 - even SystemExit from a check is a failed check
+                box.append(CheckResult(entry.name, "fail", None, "skip", None, f"{type(exc).__name__}: {exc}"))
+
+        thread = threading.Thread(target=run, name=f"gradserve-check-{entry.name}", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + timeout_s
+        while thread.is_alive() and time.monotonic() < deadline:
+            if stopping is not None and stopping.is_set():
+                raise StartupInterrupted("stopped during start-up checks")
+            thread.join(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
+        if box:
+            results.append(box[0])
+            if not box[0].ok:
+                unavailable[entry.name] = f"failed gradcheck at start-up: {box[0].detail}"
+        else:
+            results.append(CheckResult(entry.name, "fail", None, "skip", None, f"check timed out after {timeout_s:g} s"))
+            unavailable[entry.name] = f"check timed out after {timeout_s:g} s (--check-timeout-s)"
     log.info("start-up gradient checks:\n%s", format_table(results))
-    unavailable = {r.name: f"failed gradcheck at start-up: {r.detail}" for r in results if not r.ok}
     for name, reason in unavailable.items():
         log.warning("not serving %s: %s", name, reason)
     return unavailable
 
 
-def serve(config: ServerConfig) -> None:
-    """Run a server until SIGTERM or SIGINT, then drain for ``config.grace_period_s`` seconds.
+def serve(config: ServerConfig) -> int:
+    """Run a server until SIGTERM or SIGINT, then drain for ``config.grace_period_s`` seconds; returns the exit status.
 
     On the signal, health turns NOT_SERVING at once; calls in flight finish (up to the
-    grace period), new ones are refused, and the function returns.
+    grace period), new ones are refused. A signal during loading or start-up checks
+    exits within about a second (:data:`EXIT_OK`). If a Function is still running when
+    the grace period ends, the process exits at once with :data:`EXIT_FORCED` (this
+    function does not return then).
     """
     stop = threading.Event()
 
@@ -223,8 +362,44 @@ def serve(config: ServerConfig) -> None:
     signal.signal(signal.SIGINT, on_signal)
     torch.set_num_threads(config.intra_op_threads or cpu_quota())
     log.info("torch intra-op threads: %d", torch.get_num_threads())
-    running = create_server(config)
+    # Loading and checks run in a thread, so a signal is acted on at once: an import or a
+    # check can take minutes, and Python cannot interrupt either.
+    started: list[RunningServer] = []
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            started.append(create_server(config, stopping=stop))
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            failed.append(exc)
+
+    starter = threading.Thread(target=start, name="gradserve-start", daemon=True)
+    starter.start()
+    while starter.is_alive() and not stop.is_set():
+        starter.join(timeout=0.05)
+    if failed and not isinstance(failed[0], StartupInterrupted):
+        raise failed[0]
+    if not started:  # the signal came first: nothing in flight, nothing to drain
+        log.info("stopped during start-up")
+        _exit_now(EXIT_OK)
+    running = started[0]
     print(f"gradserve listening on {config.host}:{running.port}", flush=True)
     stop.wait()
-    running.stop(config.grace_period_s, config.drain_delay_s)
+    if not running.stop(config.grace_period_s, config.drain_delay_s):
+        log.warning(
+            "grace period of %.1f s over with %d call(s) still running: exiting without them (status %d)",
+            config.grace_period_s,
+            running.limiter.in_progress() if running.limiter else -1,
+            EXIT_FORCED,
+        )
+        _exit_now(EXIT_FORCED)
     log.info("stopped")
+    return EXIT_OK
+
+
+def _exit_now(status: int) -> None:
+    """Exit without waiting for threads still running a Function or a check (Python cannot stop them)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -1,7 +1,14 @@
 """gRPC servicer: translates between protobuf messages and the runtime. No math here.
 
-Domain errors become status codes in one place, :func:`_rpc`; anything unexpected is
-INTERNAL, with the traceback only in the server log.
+Domain errors become status codes in one place, :meth:`_CallRecord.fail`; anything
+unexpected is INTERNAL, with the traceback only in the server log.
+
+Admission before work, in this order: the function name, the argument count, every
+declared tensor size and dtype (from the request, or a stream's header, before anything
+is decoded or any data read), then the request's bytes against ``--max-inflight-bytes``
+(waiting up to the deadline), then a compute slot. Outputs are checked against
+``--max-tensor-bytes`` before they are encoded, and a forward's graph is kept only once
+its reply is sure to go out.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import torch
@@ -27,8 +34,12 @@ from gradserve.client import codec, streaming
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
-from ._errors import Abandoned, GradServeServerError
+from ._admission import ByteBudget, Reservation
+from ._auth import ANONYMOUS, caller_identity
+from ._errors import Abandoned, GradServeServerError, InvalidArgument
+from ._logging import escape
 from ._metrics import Metrics
+from ._registry import RegisteredFunction
 from ._runtime import ForwardResult, Runtime
 
 __all__ = ["ERROR_DOMAIN", "GradientServicer"]
@@ -43,17 +54,18 @@ R = TypeVar("R")
 _MAX_MESSAGE_CHARS = 2000  # status messages travel in trailers, which clients cap at 16 KiB
 
 
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, reason: str, message: str) -> None:
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, reason: str, message: str) -> NoReturn:
     if len(message) > _MAX_MESSAGE_CHARS:
         message = message[:_MAX_MESSAGE_CHARS] + " [...]"
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
     status = status_pb2.Status(code=code.value[0], message=message, details=[info])
     context.abort_with_status(rpc_status.to_status(status))
+    raise AssertionError("unreachable: abort raises")
 
 
-def _classify(exc: Exception) -> tuple[grpc.StatusCode, str, str]:
-    """(status code, ErrorInfo reason, message) for an exception raised while serving."""
+def _classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
+    """(status code, ErrorInfo reason, message) for an exception raised while serving: the one mapping."""
     if isinstance(exc, GradServeServerError):
         return grpc.StatusCode[exc.code], exc.reason, str(exc)
     if isinstance(exc, codec.TensorTooLarge):
@@ -63,80 +75,125 @@ def _classify(exc: Exception) -> tuple[grpc.StatusCode, str, str]:
     return grpc.StatusCode.INTERNAL, "INTERNAL", ""
 
 
-class _Call(threading.local):
-    """What the running RPC's log line and metrics need; a streamed call fills it in as it learns."""
-
-    function = ""
-    bytes_in = 0
-
-
-_call = _Call()
-
 # Request ids: a per-process random prefix and a counter (uuid4 cost 2.5% of a small call).
 _ID_PREFIX = os.urandom(3).hex() + "-"
 _ids = itertools.count(1)
 
 
-def _rpc(method: Callable[[Any, Any, grpc.ServicerContext], R]) -> Callable[[Any, Any, grpc.ServicerContext], R]:
-    """Run one RPC: refuse it while loading, count and log it, turn exceptions into a status."""
+class _Current(threading.local):
+    call: _CallRecord | None = None
+
+
+_current = _Current()
+
+
+class _CallRecord:
+    """One call's log line, metrics and memory reservation; finished exactly once, with its real final code."""
+
+    def __init__(self, servicer: GradientServicer, method: str, context: grpc.ServicerContext) -> None:
+        sent_id = next((v for k, v in context.invocation_metadata() or () if k == "x-request-id"), None)
+        self.request_id = escape(sent_id, 64) if sent_id else f"{_ID_PREFIX}{next(_ids):x}"
+        self.servicer = servicer
+        self.method = method
+        self.context = context
+        self.function = ""
+        self.raw_function = ""
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.start = time.perf_counter()
+        self.reservation: Reservation | None = None
+        self._owner: str | None = None
+        self._finished = False
+        self._lock = threading.Lock()
+        _current.call = self
+
+    def named(self, function: str) -> None:
+        self.raw_function = function
+        self.function = escape(function)
+
+    @property
+    def owner(self) -> str:
+        """The caller's identity, for handle ownership."""
+        if self._owner is None:
+            self._owner = self.servicer.identify(self.context)
+        return self._owner
+
+    def fail(self, exc: BaseException) -> NoReturn:
+        """Finish with the status ``exc`` maps to, and send it."""
+        code, reason, message = _classify(exc)
+        remaining_s = self.context.time_remaining()
+        if code is grpc.StatusCode.CANCELLED and remaining_s is not None and remaining_s <= 0:
+            code = grpc.StatusCode.DEADLINE_EXCEEDED  # abandoned because the deadline passed
+        if code is grpc.StatusCode.INTERNAL:
+            log.error(
+                "request %s: internal error in %s(%s)", self.request_id, self.method, self.function, exc_info=exc
+            )
+            message = f"internal server error (request id {self.request_id}; details in the server log)"
+        self.finish(code)
+        _abort(self.context, code, reason, message)
+
+    def finish(self, code: grpc.StatusCode) -> None:
+        """Release the memory, count and log the call (once)."""
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+        if self.reservation is not None:
+            self.reservation.release()
+        duration_s = time.perf_counter() - self.start
+        servicer = self.servicer
+        if servicer.metrics is not None:
+            # Only served names become label values: callers must not grow the label set.
+            known = servicer.runtime is not None and self.raw_function in servicer.runtime.registry
+            servicer.metrics.observe(
+                self.raw_function if known else "", self.method, code.name, duration_s, self.bytes_in, self.bytes_out
+            )
+        if log.isEnabledFor(logging.INFO):  # --log-level WARNING skips the work (about 6% of a small call)
+            fields = {
+                "request_id": self.request_id,
+                "method": self.method,
+                "function": self.function,
+                "code": code.name,
+                "duration_ms": round(1e3 * duration_s, 3),
+                "peer": self.context.peer(),
+            }
+            log.info(
+                "request=%s method=%s function=%s code=%s duration_ms=%.2f peer=%s",
+                self.request_id,
+                self.method,
+                self.function,
+                code.name,
+                fields["duration_ms"],
+                fields["peer"],
+                extra=fields,
+            )
+
+    def gone_code(self) -> grpc.StatusCode:
+        """The code of a call whose caller left before its reply went out."""
+        remaining_s = self.context.time_remaining()
+        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining_s is not None and remaining_s <= 0 else grpc.StatusCode.CANCELLED
+
+
+def _rpc(method: Callable[..., R]) -> Callable[[Any, Any, grpc.ServicerContext], R]:
+    """Run one unary RPC: refuse it while loading, count and log it with its final code, turn exceptions into a status."""
 
     @functools.wraps(method)
     def wrapper(self: GradientServicer, request: Any, context: grpc.ServicerContext) -> R:
-        sent_id = next((v for k, v in context.invocation_metadata() or () if k == "x-request-id"), None)
-        request_id = str(sent_id)[:64] if sent_id else f"{_ID_PREFIX}{next(_ids):x}"
-        _call.function = _loggable(getattr(request, "function", ""))
-        _call.bytes_in = request.ByteSize() if isinstance(request, Message) else 0
-        start = time.perf_counter()
-        code, response = grpc.StatusCode.OK, None
+        call = _CallRecord(self, method.__name__, context)
+        call.named(getattr(request, "function", ""))
+        call.bytes_in = request.ByteSize() if isinstance(request, Message) else 0
         try:
             if self.runtime is None or self.metrics is None:
                 raise _Loading("server is starting: functions are still loading; retry shortly")
             with self.metrics.track():
-                response = method(self, request, context)
-            return response
-        except Exception as exc:
-            code, reason, message = _classify(exc)
-            remaining_s = context.time_remaining()
-            if code is grpc.StatusCode.CANCELLED and remaining_s is not None and remaining_s <= 0:
-                code = grpc.StatusCode.DEADLINE_EXCEEDED  # abandoned because the deadline passed
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("request %s: internal error in %s(%s)", request_id, method.__name__, _call.function)
-                message = f"internal server error (request id {request_id}; details in the server log)"
-            _abort(context, code, reason, message)
-            raise  # unreachable: abort raises
-        finally:
-            duration_s = time.perf_counter() - start
-            if self.metrics is not None:
-                out = response.ByteSize() if isinstance(response, Message) else getattr(response, "nbytes", 0)
-                # Only served names become label values: callers must not grow the label set.
-                label = _call.function if self.runtime is not None and _call.function in self.runtime.registry else ""
-                self.metrics.observe(label, method.__name__, code.name, duration_s, _call.bytes_in, out)
-            if log.isEnabledFor(logging.INFO):  # --log-level WARNING skips the work (about 6% of a small call)
-                fields = {
-                    "request_id": request_id,
-                    "method": method.__name__,
-                    "function": _call.function,
-                    "code": code.name,
-                    "duration_ms": round(1e3 * duration_s, 3),
-                    "peer": context.peer(),
-                }
-                log.info(
-                    "request=%s method=%s function=%s code=%s duration_ms=%.2f peer=%s",
-                    request_id,
-                    method.__name__,
-                    _call.function,
-                    code.name,
-                    fields["duration_ms"],
-                    fields["peer"],
-                    extra=fields,
-                )
+                response = method(self, request, context, call)
+            call.bytes_out = response.ByteSize() if isinstance(response, Message) else 0
+        except BaseException as exc:  # a Function's SystemExit too: every call ends with a status
+            call.fail(exc)
+        call.finish(grpc.StatusCode.OK)
+        return response
 
     return wrapper
-
-
-def _loggable(name: str) -> str:
-    """A caller-chosen name, safe for one log line: printable, at most 128 characters."""
-    return name if len(name) <= 128 and name.isprintable() else repr(name[:128])
 
 
 def _until_caller_leaves(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
@@ -144,11 +201,15 @@ def _until_caller_leaves(requests: Iterator[Any], context: grpc.ServicerContext)
     try:
         yield from requests
     except grpc.RpcError as exc:
-        raise Abandoned("caller gone during the upload (cancelled or deadline passed); work abandoned") from exc
+        raise Abandoned("caller gone during the upload (cancelled, deadline passed or idle too long); work abandoned") from exc
 
 
 class _Loading(GradServeServerError):
     code, reason = "UNAVAILABLE", "LOADING"
+
+
+class _OutputTooLarge(GradServeServerError):
+    code, reason = "RESOURCE_EXHAUSTED", "OUTPUT_TOO_LARGE"
 
 
 @dataclass
@@ -157,21 +218,11 @@ class _Payloads:
 
     incoming: Iterator[torch.Tensor] | None = None
     outgoing: list[torch.Tensor] | None = None
+    pending: ForwardResult | None = None  # a forward whose graph is kept once the reply has gone out
 
 
-class _StreamedReply:
-    """A StreamCall's answer: the header, then the data chunks."""
-
-    def __init__(self, header: pb.StreamResponse, payloads: list[torch.Tensor]) -> None:
-        self.nbytes = header.ByteSize() + sum(p.numel() for p in payloads)
-        chunks = (pb.StreamResponse(data=c) for c in streaming.chunks(payloads))
-        self._messages = itertools.chain([header], chunks)
-
-    def __iter__(self) -> Iterator[pb.StreamResponse]:
-        return self
-
-    def __next__(self) -> pb.StreamResponse:
-        return next(self._messages)
+def _tensor_bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class GradientServicer(pb_grpc.GradientServiceServicer):
@@ -183,27 +234,46 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     Parameters
     ----------
     max_tensor_bytes
-        Largest single tensor accepted, in bytes (RESOURCE_EXHAUSTED above it).
+        Largest single tensor accepted or returned, in bytes (RESOURCE_EXHAUSTED above it).
     max_request_bytes
-        Largest total of a streamed request's tensors, in bytes (unary requests are
-        capped by gRPC's own message limit, set to the same value).
+        Largest total of a request's tensors, in bytes (unary requests are also capped
+        by gRPC's own message limit, set to the same value).
     max_concurrent
-        Forward/backward computations at once; further calls wait for a slot.
+        Forward/backward computations at once; further admitted calls wait for a slot.
+    budget
+        Bytes in flight over all calls (``--max-inflight-bytes``); None: no limit.
+    tokens_required
+        Whether the server verifies bearer tokens (then a token is an identity that owns
+        handles).
     """
 
     def __init__(
-        self, *, max_tensor_bytes: int | None = None, max_request_bytes: int | None = None, max_concurrent: int = 16
+        self,
+        *,
+        max_tensor_bytes: int | None = None,
+        max_request_bytes: int | None = None,
+        max_concurrent: int = 16,
+        budget: ByteBudget | None = None,
+        tokens_required: bool = False,
     ) -> None:
         self.runtime: Runtime | None = None
         self.metrics: Metrics | None = None
         self.max_tensor_bytes = max_tensor_bytes
         self.max_request_bytes = max_request_bytes
+        self.budget = budget or ByteBudget(0)
         self._compute = threading.BoundedSemaphore(max_concurrent)
+        self._tokens_required = tokens_required
+
+    def identify(self, context: grpc.ServicerContext) -> str:
+        """The caller's identity: token digest, client certificate digest, or anonymous."""
+        return caller_identity(context, self._tokens_required) if self._tokens_required or context.peer_identities() else ANONYMOUS
 
     def record_refusal(self, method_path: str, code: grpc.StatusCode) -> None:
-        """Count a call an interceptor refused (bad token), under its method name."""
+        """Count a call an interceptor refused (bad token, server busy), under its method name."""
         if self.metrics is not None:
-            self.metrics.observe("", method_path.rsplit("/", 1)[-1], code.name, 0.0, 0, 0)
+            self.metrics.observe("", method_path.rsplit("/", 1)[-1][:64], code.name, 0.0, 0, 0)
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                self.metrics.auth_refusals.labels(code.name).inc()
 
     def attach(self, runtime: Runtime, metrics: Metrics) -> None:
         """Start serving ``runtime``, recording into ``metrics``."""
@@ -211,7 +281,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self.runtime = runtime
 
     @_rpc
-    def ListFunctions(self, request: pb.ListFunctionsRequest, context: grpc.ServicerContext) -> pb.ListFunctionsResponse:
+    def ListFunctions(
+        self, request: pb.ListFunctionsRequest, context: grpc.ServicerContext, call: _CallRecord
+    ) -> pb.ListFunctionsResponse:
         return pb.ListFunctionsResponse(
             functions=[
                 pb.FunctionInfo(
@@ -227,68 +299,176 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         )
 
     @_rpc
-    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
+    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext, call: _CallRecord) -> pb.ForwardResponse:
+        self._check_request("forward", request, call)
         with self._compute:
-            return self._forward(request, context, _Payloads())
+            return self._forward(request, context, _Payloads(), call)
 
     @_rpc
-    def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext) -> pb.BackwardResponse:
+    def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext, call: _CallRecord) -> pb.BackwardResponse:
+        self._check_request("backward", request, call)
         with self._compute:
-            return self._backward(request, context, _Payloads())
+            return self._backward(request, context, _Payloads(), call)
 
     @_rpc
-    def ForwardBackward(self, request: pb.ForwardBackwardRequest, context: grpc.ServicerContext) -> pb.ForwardBackwardResponse:
+    def ForwardBackward(
+        self, request: pb.ForwardBackwardRequest, context: grpc.ServicerContext, call: _CallRecord
+    ) -> pb.ForwardBackwardResponse:
+        self._check_request("forward_backward", request, call)
         with self._compute:
-            return self._forward_backward(request, context, _Payloads())
+            return self._forward_backward(request, context, _Payloads(), call)
 
     @_rpc
-    def ReleaseHandles(self, request: pb.ReleaseHandlesRequest, context: grpc.ServicerContext) -> pb.ReleaseHandlesResponse:
-        return pb.ReleaseHandlesResponse(released=self.runtime.handles.release(request.handles))
+    def ReleaseHandles(
+        self, request: pb.ReleaseHandlesRequest, context: grpc.ServicerContext, call: _CallRecord
+    ) -> pb.ReleaseHandlesResponse:
+        return pb.ReleaseHandlesResponse(released=self.runtime.handles.release(request.handles, call.owner))
 
-    @_rpc
-    def StreamCall(self, request_iterator: Iterator[pb.StreamRequest], context: grpc.ServicerContext) -> _StreamedReply:
-        request_iterator = _until_caller_leaves(request_iterator, context)
-        first = next(request_iterator, None)
+    def StreamCall(self, request_iterator: Iterator[pb.StreamRequest], context: grpc.ServicerContext) -> Iterator[pb.StreamResponse]:
+        """A streamed call; logged and counted when its reply has gone out (or the caller left), with that code."""
+        call = _CallRecord(self, "StreamCall", context)
+        tracked = False
+        try:
+            if self.runtime is None or self.metrics is None:
+                raise _Loading("server is starting: functions are still loading; retry shortly")
+            self.metrics.in_flight.inc()
+            tracked = True
+            header_msg, payloads = self._stream_call(_until_caller_leaves(request_iterator, context), context, call)
+        except BaseException as exc:
+            if tracked:
+                self.metrics.in_flight.dec()
+            call.fail(exc)
+        reply = _StreamedReply(header_msg, payloads, call, self)
+        if not context.add_callback(reply.ended):  # the call already ended: the caller left during the work
+            reply.ended()
+        return iter(reply)
+
+    def _stream_call(
+        self, requests: Iterator[pb.StreamRequest], context: grpc.ServicerContext, call: _CallRecord
+    ) -> tuple[pb.StreamResponse, _Payloads]:
+        first = next(requests, None)
         kind = first.WhichOneof("part") if first is not None else None
         if kind not in ("forward", "backward", "forward_backward"):
             raise codec.CodecError(
                 f"StreamCall: the first message must be a header (forward, backward or forward_backward), got {kind}"
             )
         header = getattr(first, kind)
-        _call.function = _loggable(header.function)
-        self.runtime.function(header.function)  # NOT_FOUND before receiving any data
+        call.named(header.function)
+        self._check_request(kind, header, call, admit=False)  # count, sizes, dtypes: before any data is read
         assembler = streaming.Assembler(
-            header, max_tensor_bytes=self.max_tensor_bytes, max_total_bytes=self.max_request_bytes, what=header.function
+            header, max_tensor_bytes=self.max_tensor_bytes, max_total_bytes=self.max_request_bytes, what=call.function
         )
-        for message in request_iterator:
+        call.bytes_in = first.ByteSize() + sum(assembler.sizes)
+        self._admit(call, call.bytes_in, context)  # on the declared sizes, before any data is read
+        for message in requests:
             if message.WhichOneof("part") != "data":
-                raise codec.CodecError(f"StreamCall {header.function}: only data chunks may follow the header")
+                raise codec.CodecError(f"StreamCall {call.function}: only data chunks may follow the header")
             assembler.feed(message.data)
         if not context.is_active():  # the stream ended because the caller left, not because it was done
-            raise Abandoned(f"{header.function}: caller gone during the upload; work abandoned")
-        _call.bytes_in = first.ByteSize() + sum(assembler.sizes)
+            raise Abandoned(f"{call.function}: caller gone during the upload; work abandoned")
         payloads = _Payloads(incoming=assembler.payloads(), outgoing=[])
         handler = {"forward": self._forward, "backward": self._backward, "forward_backward": self._forward_backward}[kind]
         with self._compute:  # taken after the upload: receiving is network-bound
-            response = handler(header, context, payloads)
-        return _StreamedReply(pb.StreamResponse(**{kind: response}), payloads.outgoing)
+            response = handler(header, context, payloads, call)
+        return pb.StreamResponse(**{kind: response}), payloads
+
+    # -- admission ---------------------------------------------------------------------
+
+    def _check_request(self, kind: str, request: Any, call: _CallRecord, admit: bool = True) -> None:
+        """The function, argument count, declared tensor sizes and dtypes, from the message alone; then memory."""
+        entry = self.runtime.function(request.function)  # NOT_FOUND before anything else
+        if kind == "backward":
+            if request.WhichOneof("graph") == "recompute":
+                self._check_values(entry, request.recompute.values, "argument", count=True)
+        else:
+            self._check_values(entry, request.args, "argument", count=True)
+        if kind != "forward":
+            self._check_values(entry, [v for v in request.grad_outputs], "grad_outputs", count=False)
+        if admit:
+            self._admit(call, call.bytes_in, call.context)
+
+    def _check_values(self, entry: RegisteredFunction, values: Any, what: str, *, count: bool) -> None:
+        if count and entry.num_inputs is not None and len(values) != entry.num_inputs:
+            raise InvalidArgument(
+                f"{entry.name} takes {entry.num_inputs} argument{'s' * (entry.num_inputs != 1)}, got {len(values)}"
+            )
+        total = 0
+        for i, value in enumerate(values):
+            if value.WhichOneof("kind") != "tensor":
+                continue
+            tensor = value.tensor
+            name = f"{entry.name} {what} {i}" if what == "argument" else f"{entry.name} grad_outputs[{i}]"
+            nbytes = codec.tensor_nbytes(tensor, what=name)  # dtype, rank, negative dimensions
+            if self.max_tensor_bytes is not None and nbytes > self.max_tensor_bytes:
+                raise codec.TensorTooLarge(
+                    f"{name}: tensor of shape {codec._shape_text(tensor.shape)} is {nbytes} bytes, "
+                    f"over the limit of {self.max_tensor_bytes} bytes"
+                )
+            if what == "argument" and tensor.requires_grad and not (
+                codec.WIRE_TO_DTYPE[tensor.dtype].is_floating_point or codec.WIRE_TO_DTYPE[tensor.dtype].is_complex
+            ):
+                raise codec.CodecError(
+                    f"{name}: requires_grad is set on a tensor of dtype "
+                    f"{str(codec.WIRE_TO_DTYPE[tensor.dtype]).removeprefix('torch.')}; "
+                    "only floating point and complex tensors can require gradients"
+                )
+            total += nbytes
+        if self.max_request_bytes is not None and total > self.max_request_bytes:
+            raise codec.TensorTooLarge(
+                f"{entry.name}: the request's tensors total {total} bytes, over the request limit of {self.max_request_bytes} bytes"
+            )
+
+    def _admit(self, call: _CallRecord, nbytes: int, context: grpc.ServicerContext) -> None:
+        call.reservation = self.budget.acquire(
+            nbytes, what=call.function or call.method, timeout_s=context.time_remaining(), is_active=context.is_active
+        )
+
+    def _check_outputs(self, call: _CallRecord, tensors: Any, io: _Payloads, what: str) -> None:
+        """Refuse outputs over --max-tensor-bytes (or a unary reply over 2 GiB) before encoding; count the reply's bytes."""
+        for i, t in enumerate(tensors):
+            if t is None:
+                continue
+            nbytes = t.numel() * t.element_size()
+            if self.max_tensor_bytes is not None and nbytes > self.max_tensor_bytes:
+                raise _OutputTooLarge(
+                    f"{call.function} {what} {i} of shape {list(t.shape)[:8]} is {nbytes} bytes, over the server's "
+                    f"--max-tensor-bytes of {self.max_tensor_bytes} bytes; nothing was kept"
+                )
+        total = _tensor_bytes(tensors)
+        _fits_one_message(io, total, call.function)
+        if call.reservation is not None:
+            call.reservation.grow_to(call.reservation.nbytes + total)
 
     # -- one implementation per operation, for unary and streamed calls ------------------
 
-    def _forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext, io: _Payloads) -> pb.ForwardResponse:
+    def _forward(
+        self, request: pb.ForwardRequest, context: grpc.ServicerContext, io: _Payloads, call: _CallRecord
+    ) -> pb.ForwardResponse:
         self.runtime.function(request.function)  # NOT_FOUND before decoding any tensor
         args = self._decode_args(request.function, request.args, io)
-        result = self.runtime.forward(request.function, args, keep_graph=request.keep_graph, is_active=context.is_active)
-        _fits_one_message(io, result.outputs)
-        return pb.ForwardResponse(
+        result = self.runtime.forward(
+            request.function, args, keep_graph=request.keep_graph, is_active=context.is_active, owner=call.owner, defer_keep=True
+        )
+        self._check_outputs(call, result.outputs, io, "output")
+        response = pb.ForwardResponse(
             outputs=_encode_outputs(result, io),
             returns_tuple=result.returns_tuple,
             handle=result.handle or "",
             handle_ttl_ms=int(self.runtime.handles.ttl_s * 1000) if result.handle else 0,
             version=result.version,
         )
+        if result.pending is not None:
+            if io.outgoing is None:  # unary: the reply is built and the caller still there
+                if not context.is_active():
+                    raise Abandoned(f"{call.function}: caller gone before the reply; no graph kept")
+                self.runtime.keep(result, call.owner)
+            else:  # streamed: kept when the last chunk has gone out
+                io.pending = result
+        return response
 
-    def _backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext, io: _Payloads) -> pb.BackwardResponse:
+    def _backward(
+        self, request: pb.BackwardRequest, context: grpc.ServicerContext, io: _Payloads, call: _CallRecord
+    ) -> pb.BackwardResponse:
         self.runtime.function(request.function)
         source = request.WhichOneof("graph")
         if source is None:
@@ -302,18 +482,19 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             grad_outputs=self._decode_grad_outputs(request.function, request.grad_outputs, io),
             version=request.version,
             is_active=context.is_active,
+            owner=call.owner,
         )
-        _fits_one_message(io, grads)
+        self._check_outputs(call, grads, io, "gradient")
         return pb.BackwardResponse(grads=[codec.encode_maybe_tensor(g, payloads=io.outgoing) for g in grads])
 
     def _forward_backward(
-        self, request: pb.ForwardBackwardRequest, context: grpc.ServicerContext, io: _Payloads
+        self, request: pb.ForwardBackwardRequest, context: grpc.ServicerContext, io: _Payloads, call: _CallRecord
     ) -> pb.ForwardBackwardResponse:
         self.runtime.function(request.function)
         args = self._decode_args(request.function, request.args, io)
         grad_outputs = self._decode_grad_outputs(request.function, request.grad_outputs, io)
         result, grads = self.runtime.forward_backward(request.function, args, grad_outputs, context.is_active)
-        _fits_one_message(io, [*result.outputs, *grads])
+        self._check_outputs(call, [*result.outputs, *grads], io, "output or gradient")
         return pb.ForwardBackwardResponse(
             outputs=_encode_outputs(result, io),
             returns_tuple=result.returns_tuple,
@@ -337,6 +518,34 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         ]
 
 
+class _StreamedReply:
+    """A StreamCall's answer: the header, then the data chunks; the call is finished when they have gone out."""
+
+    def __init__(self, header: pb.StreamResponse, io: _Payloads, call: _CallRecord, servicer: GradientServicer) -> None:
+        self._header = header
+        self._io = io
+        self._call = call
+        self._servicer = servicer
+        self._sent_all = False
+        call.bytes_out = header.ByteSize() + _tensor_bytes(io.outgoing or [])
+
+    def __iter__(self) -> Iterator[pb.StreamResponse]:
+        yield self._header
+        for chunk in streaming.chunks(self._io.outgoing or []):
+            yield pb.StreamResponse(data=chunk)
+        # gRPC asks for the next message only once the last one has gone out: the reply is
+        # sure, so the graph is kept now (before the status, so before the caller's Backward).
+        if self._io.pending is not None and self._call.context.is_active():
+            self._servicer.runtime.keep(self._io.pending, self._call.owner)
+        self._sent_all = True
+
+    def ended(self) -> None:
+        """The call ended (gRPC's termination callback): log it with its real code."""
+        self._io.pending = None
+        self._servicer.metrics.in_flight.dec()
+        self._call.finish(grpc.StatusCode.OK if self._sent_all else self._call.gone_code())
+
+
 # Protobuf cannot serialise a message of 2 GiB or more; leave room for the envelope.
 UNARY_RESPONSE_LIMIT_BYTES = 2**31 - 2**20
 
@@ -345,14 +554,13 @@ class _ResponseTooLarge(GradServeServerError):
     code, reason = "RESOURCE_EXHAUSTED", "RESPONSE_TOO_LARGE"
 
 
-def _fits_one_message(io: _Payloads, tensors: Any) -> None:
+def _fits_one_message(io: _Payloads, total: int, function: str) -> None:
     """Refuse a unary reply over protobuf's 2 GiB ceiling; the client then repeats the call streamed."""
     if io.outgoing is not None:
         return
-    total = sum(t.numel() * t.element_size() for t in tensors if t is not None)
     if total > UNARY_RESPONSE_LIMIT_BYTES:
         raise _ResponseTooLarge(
-            f"{_call.function}: the reply holds {total} bytes of tensors, over the {UNARY_RESPONSE_LIMIT_BYTES} bytes "
+            f"{function}: the reply holds {total} bytes of tensors, over the {UNARY_RESPONSE_LIMIT_BYTES} bytes "
             "one message can carry; call again through StreamCall (gradserve clients do so on their own)"
         )
 
