@@ -48,7 +48,9 @@ import grpc
 import torch
 import torch.nn.functional as F
 
-from gradserve.client import GradientClient, GradServeError, codec
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gradserve.client import GradientClient, GradServeError, codec, streaming
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
@@ -647,6 +649,385 @@ def mib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
 
 
+# -- chaos: good callers beside every hostile pattern at once ----------------------------------------
+
+CHAOS_TOKENS = ("good-caller-token", "thief-token")
+CHAOS_SERVER_ARGS = [
+    "--functions", "gradserve.server.examples", "--functions", str(ROOT / "benchmarks" / "chaos_functions.py"),
+    "--max-workers", "4", "--max-concurrent-rpcs", "48", "--idle-stream-timeout-s", "2",
+    "--max-inflight-bytes", str(128 << 20), "--max-request-bytes", str(32 << 20), "--max-tensor-bytes", str(16 << 20),
+    "--max-handle-bytes", str(32 << 20), "--grace-period-s", "5",
+]
+CANCELLED, UNAUTH, DENIED = grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
+FAILED, DEADLINE = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def chaos_budget_bytes() -> int:
+    """What the server may hold beyond its baseline: in-flight bytes, kept graphs, and the
+    Functions' own temporaries (up to 4 tensor-sized buffers in each of the 4 compute slots)."""
+    return (128 << 20) + (32 << 20) + 4 * 4 * (16 << 20)
+
+
+@dataclass
+class ChaosStats:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    good: Counter = field(default_factory=Counter)  # calls, answered, wrong, failed, retries
+    hostile: Counter = field(default_factory=Counter)  # calls by pattern
+    hostile_unexpected: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    examples: list[str] = field(default_factory=list)
+    health_max_s: float = 0.0
+    health_checks: int = 0
+    health_failures: int = 0
+    rss: list[int] = field(default_factory=list)
+
+    def example(self, text: str) -> None:
+        with self.lock:
+            if len(self.examples) < 20:
+                self.examples.append(" ".join(text.split())[:300])
+
+
+def _good_with_retry(kind: str, ctx: Ctx, stats: ChaosStats, deadline_s: float) -> None:
+    """One good call; retried when the server says it is busy (RESOURCE_EXHAUSTED), as its message asks."""
+    give_up = time.monotonic() + deadline_s
+    backoff = 0.05
+    while True:
+        try:
+            GOOD[kind](ctx)
+            with stats.lock:
+                stats.good["answered"] += 1
+            return
+        except WrongAnswer as exc:
+            with stats.lock:
+                stats.good["wrong"] += 1
+            stats.example(f"[good {kind}] wrong answer: {exc}")
+            return
+        except GradServeError as exc:
+            if exc.code is EXHAUSTED and time.monotonic() + backoff < give_up:
+                with stats.lock:
+                    stats.good["retries"] += 1
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            with stats.lock:
+                stats.good["failed"] += 1
+            stats.example(f"[good {kind}] {exc.code.name}: {exc}")
+            return
+        except Exception as exc:  # noqa: BLE001
+            with stats.lock:
+                stats.good["failed"] += 1
+            stats.example(f"[good {kind}] {type(exc).__name__}: {exc}")
+            return
+
+
+def _expect_codes(stats: ChaosStats, pattern: str, allowed: set[grpc.StatusCode], fn: Callable[[], Any]) -> Any:
+    """Run one hostile call; a code outside ``allowed`` (OK included only if listed) is counted unexpected."""
+    with stats.lock:
+        stats.hostile[pattern] += 1
+    try:
+        result = fn()
+        code = OK
+    except grpc.RpcError as err:
+        code, result = err.code(), None
+        if code not in allowed:
+            stats.example(f"[hostile {pattern}] {code.name}: {err.details()}")
+    if code not in allowed:
+        with stats.lock:
+            stats.hostile_unexpected[pattern][code.name] += 1
+    return result
+
+
+def _hostile_patterns(target: str, stop: threading.Event, stats: ChaosStats, scale: int) -> list[Callable[[], None]]:
+    good_md = [("authorization", f"Bearer {CHAOS_TOKENS[0]}")]
+    thief_md = [("authorization", f"Bearer {CHAOS_TOKENS[1]}")]
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+    def stub() -> pb_grpc.GradientServiceStub:
+        return pb_grpc.GradientServiceStub(grpc.insecure_channel(target, options=options))
+
+    x_small = codec.encode_value(torch.ones(4, requires_grad=True))
+    declared = pb.Value(tensor=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1024]))
+
+    def idle_streams() -> None:  # header, then nothing: cancelled by the idle-stream timeout
+        s = stub()
+        while not stop.is_set():
+            hold = threading.Event()
+
+            def header_then_silence() -> Any:
+                yield pb.StreamRequest(forward=pb.ForwardRequest(function="square", args=[declared]))
+                hold.wait(10)
+
+            calls = [s.StreamCall(header_then_silence(), metadata=good_md, timeout=10) for _ in range(8 * scale)]
+            for c in calls:
+                _expect_codes(stats, "idle_stream", {CANCELLED, EXHAUSTED}, lambda c=c: list(c))
+            hold.set()
+
+    def reflection_without_token() -> None:
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        channel = grpc.insecure_channel(target)
+        r = reflection_pb2_grpc.ServerReflectionStub(channel)
+        while not stop.is_set():
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            _expect_codes(stats, "reflection_no_token", {UNAUTH}, lambda: list(r.ServerReflectionInfo(iter([request]), timeout=5)))
+            stop.wait(0.05)
+
+    def big_uploads() -> None:  # 24 MiB streamed uploads: admitted against --max-inflight-bytes
+        s = stub()
+        payload = torch.ones(6 << 20)
+        while not stop.is_set():
+            payloads: list[torch.Tensor] = []
+            header = pb.StreamRequest(forward=pb.ForwardRequest(function="square", args=[codec.encode_value(payload, payloads=payloads)]))
+
+            def messages() -> Any:
+                yield header
+                for chunk in streaming.chunks(payloads):
+                    yield pb.StreamRequest(data=chunk)
+
+            _expect_codes(stats, "big_upload", {OK, EXHAUSTED, DEADLINE}, lambda: list(s.StreamCall(messages(), metadata=good_md, timeout=15)))
+
+    def compressed_bomb() -> None:  # 30 MiB of zeros gzip-compressed to about 30 KB
+        s = stub()
+        request = pb.ForwardRequest(function="square", args=[codec.encode_value(torch.zeros(30 << 18))])
+        while not stop.is_set():
+            _expect_codes(stats, "gzip_bomb", {OK, EXHAUSTED, DEADLINE},
+                          lambda: s.Forward(request, metadata=good_md, timeout=15, compression=grpc.Compression.Gzip))
+
+    def cancelled_uploads() -> None:  # 16 MiB unary uploads cancelled midway
+        s = stub()
+        request = pb.ForwardRequest(function="square", args=[codec.encode_value(torch.ones(4 << 20))])
+        while not stop.is_set():
+            with stats.lock:
+                stats.hostile["cancelled_upload"] += 1
+            f = s.Forward.future(request, metadata=good_md, timeout=15)
+            stop.wait(0.02)
+            f.cancel()
+
+    def many_arguments() -> None:
+        s = stub()
+        request = pb.ForwardRequest(function="square")
+        request.args.extend([x_small] * 200_000)
+        while not stop.is_set():
+            _expect_codes(stats, "many_arguments", {INVALID}, lambda: s.Forward(request, metadata=good_md, timeout=15))
+            stop.wait(0.2)
+
+    def huge_output() -> None:  # [N, 1] and [1, N] inputs: an output over --max-tensor-bytes from an 8 KB request
+        s = stub()
+        n = 2100
+        args = [codec.encode_value(torch.ones(n, 1, requires_grad=True)), codec.encode_value(torch.ones(1, n, requires_grad=True))]
+        while not stop.is_set():
+            _expect_codes(stats, "huge_output", {EXHAUSTED},
+                          lambda: s.Forward(pb.ForwardRequest(function="cube_plus_square", args=args, keep_graph=True), metadata=good_md, timeout=15))
+            stop.wait(0.1)
+
+    def exiting_functions() -> None:
+        s = stub()
+        while not stop.is_set():
+            for name in ("chaos_exit", "chaos_interrupt"):
+                _expect_codes(stats, f"function_{name}", {FAILED},
+                              lambda name=name: s.ForwardBackward(pb.ForwardBackwardRequest(function=name, args=[x_small]), metadata=good_md, timeout=15))
+            stop.wait(0.05)
+
+    def bad_tokens() -> None:
+        s = stub()
+        while not stop.is_set():
+            _expect_codes(stats, "no_token", {UNAUTH}, lambda: s.Forward(pb.ForwardRequest(function="square", args=[x_small]), timeout=5))
+            _expect_codes(stats, "wrong_token", {DENIED}, lambda: s.Forward(
+                pb.ForwardRequest(function="square", args=[x_small]), metadata=[("authorization", f"Bearer guess-{secrets.token_hex(4)}")], timeout=5))
+
+    def hostile_names() -> None:  # names with newlines and escapes: NOT_FOUND, and no forged log lines
+        s = stub()
+        while not stop.is_set():
+            _expect_codes(stats, "hostile_name", {NOT_FOUND}, lambda: s.Forward(
+                pb.ForwardRequest(function="square\n2026 INFO forged code=OK\x1b[2J", args=[x_small]), metadata=good_md, timeout=5))
+            stop.wait(0.02)
+
+    def handle_theft() -> None:  # the thief knows a good caller's handle: NOT_FOUND, and the owner still gets its gradient
+        s = stub()
+        while not stop.is_set():
+            x = torch.rand(8) + 0.5
+            reply = _expect_codes(stats, "theft_forward", {OK, EXHAUSTED}, lambda: s.Forward(
+                pb.ForwardRequest(function="square", args=[codec.encode_value(x.requires_grad_())], keep_graph=True), metadata=good_md, timeout=15))
+            if reply is None or not reply.handle:
+                continue
+            _expect_codes(stats, "theft_backward", {NOT_FOUND}, lambda: s.Backward(
+                pb.BackwardRequest(function="square", handle=reply.handle), metadata=thief_md, timeout=5))
+            released = _expect_codes(stats, "theft_release", {OK}, lambda: s.ReleaseHandles(
+                pb.ReleaseHandlesRequest(handles=[reply.handle]), metadata=thief_md, timeout=5))
+            if released is not None and released.released != 0:
+                stats.example("[hostile theft_release] the thief released another identity's handle")
+                with stats.lock:
+                    stats.hostile_unexpected["theft_release"]["RELEASED"] += 1
+            owner = _expect_codes(stats, "owner_backward", {OK, EXHAUSTED, NOT_FOUND}, lambda: s.Backward(
+                pb.BackwardRequest(function="square", handle=reply.handle), metadata=good_md, timeout=15))
+            if owner is not None:
+                got = codec.decode_maybe_tensor(owner.grads[0])
+                if not torch.allclose(got, 2 * x.detach()):
+                    with stats.lock:
+                        stats.good["wrong"] += 1
+                    stats.example("[handle_theft] the owner's gradient was wrong after a theft attempt")
+
+    def malformed() -> None:  # the soak's classic malformed calls, with the good token
+        client = GradientClient(target, timeout=10, token=CHAOS_TOKENS[0])
+        channel = grpc.insecure_channel(target, options=options)
+        authed = pb_grpc.GradientServiceStub(channel)
+
+        class _Authed:
+            def __getattr__(self, name: str) -> Any:
+                method = getattr(authed, name)
+                return lambda request, timeout: method(request, timeout=timeout, metadata=good_md)
+
+        ctx = Ctx(client, _Authed(), random.Random(7), torch.Generator().manual_seed(7), 10.0)  # type: ignore[arg-type]
+        kinds = sorted(MALFORMED)
+        i = 0
+        while not stop.is_set():
+            kind = kinds[i % len(kinds)]
+            i += 1
+            with stats.lock:
+                stats.hostile[f"malformed_{kind}"] += 1
+            try:
+                MALFORMED[kind](ctx)
+            except UnexpectedCode as exc:
+                if exc.code is not EXHAUSTED:  # busy is an honest answer under chaos
+                    with stats.lock:
+                        stats.hostile_unexpected[f"malformed_{kind}"][exc.code.name] += 1
+                    stats.example(f"[hostile malformed_{kind}] {exc}")
+            except (WrongAnswer, GradServeError) as exc:
+                stats.example(f"[hostile malformed_{kind}] {exc}")
+
+    return [idle_streams, reflection_without_token, big_uploads, compressed_bomb, cancelled_uploads, many_arguments,
+            huge_output, exiting_functions, bad_tokens, hostile_names, handle_theft, malformed]
+
+
+def run_chaos(args: argparse.Namespace) -> int:
+    duration_s = args.duration_s if args.duration_s is not None else (12.0 if args.quick else 180.0)
+    scale = 1 if args.quick else 2
+    os.environ["GRADSERVE_AUTH_TOKENS"] = ",".join(CHAOS_TOKENS)  # for the server; kept out of ps
+    server = None
+    passed = False
+    try:
+        try:
+            server = ServerProcess([*CHAOS_SERVER_ARGS, *args.server_arg])
+        except RuntimeError as exc:
+            print(f"soak: {exc}", file=sys.stderr)
+            return 2
+        target = server.target
+        stats = ChaosStats()
+        stop = threading.Event()
+        client = GradientClient(target, timeout=30, token=CHAOS_TOKENS[0])
+        good_kinds = sorted(GOOD)
+
+        def good_caller(worker: int) -> None:
+            ctx = Ctx(client, None, random.Random(worker), torch.Generator().manual_seed(worker), 30.0)  # type: ignore[arg-type]
+            i = 0
+            while not stop.is_set():
+                kind = good_kinds[(worker + i) % len(good_kinds)]
+                i += 1
+                with stats.lock:
+                    stats.good["calls"] += 1
+                _good_with_retry(kind, ctx, stats, 30.0)
+
+        def prober() -> None:
+            with grpc.insecure_channel(target) as channel:
+                health_stub = health_pb2_grpc.HealthStub(channel)
+                while not stop.is_set():
+                    t0 = time.perf_counter()
+                    try:
+                        ok = health_stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+                    except grpc.RpcError:
+                        ok = False
+                    took = time.perf_counter() - t0
+                    with stats.lock:
+                        stats.health_checks += 1
+                        stats.health_max_s = max(stats.health_max_s, took)
+                        stats.health_failures += not ok
+                    stop.wait(0.1)
+
+        def sampler() -> None:
+            while not stop.is_set():
+                rss = read_rss_bytes(server.pid)
+                if rss is not None:
+                    with stats.lock:
+                        stats.rss.append(rss)
+                stop.wait(0.25)
+
+        # Baseline: the server after a short good-only warm-up.
+        warm = Ctx(client, None, random.Random(0), torch.Generator().manual_seed(0), 30.0)  # type: ignore[arg-type]
+        for kind in good_kinds * 3:
+            GOOD[kind](warm)
+        baseline = read_rss_bytes(server.pid) or 0
+        budget = chaos_budget_bytes()
+        print(f"soak --chaos: {duration_s:.0f} s against {target} (pid {server.pid}); RSS baseline {mib(baseline)}, "
+              f"budget {mib(budget)}", flush=True)
+        threads = [threading.Thread(target=good_caller, args=(w,), daemon=True) for w in range(args.good_callers)]
+        threads += [threading.Thread(target=prober, daemon=True), threading.Thread(target=sampler, daemon=True)]
+        threads += [threading.Thread(target=p, daemon=True, name=p.__name__) for p in _hostile_patterns(target, stop, stats, scale)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        stop.wait(duration_s)
+        stop.set()
+        for t in threads:
+            t.join(timeout=40)
+        elapsed = time.perf_counter() - t0
+        stuck = [t.name for t in threads if t.is_alive()]
+        serving_problem = None
+        try:
+            with GradientClient(target, timeout=10, token=CHAOS_TOKENS[0]) as c:
+                if c.forward_backward("square", torch.tensor([1.0, 2.0], requires_grad=True)).grads[0].tolist() != [2.0, 4.0]:
+                    serving_problem = "wrong gradient at the end"
+        except GradServeError as exc:
+            serving_problem = str(exc)
+        if not server.alive():
+            serving_problem = f"server process exited with status {server.proc.returncode}"
+        client.close()
+
+        g = stats.good
+        peak = max(stats.rss) if stats.rss else 0
+        n_unexpected = sum(sum(c.values()) for c in stats.hostile_unexpected.values())
+        lines = [
+            "",
+            "== gradserve chaos soak ==",
+            f"duration            {elapsed:.1f} s, {args.good_callers} good callers beside {len(_hostile_patterns(target, stop, stats, scale))} hostile patterns",
+            f"good calls          {g['calls']} made, {g['answered']} answered right, {g['failed']} failed, {g['retries']} busy retries",
+            f"wrong answers       {g['wrong']}",
+            f"hostile calls       {sum(stats.hostile.values())}: " + ", ".join(f"{k}={n}" for k, n in sorted(stats.hostile.items()) if not k.startswith("malformed_"))
+            + f", malformed={sum(n for k, n in stats.hostile.items() if k.startswith('malformed_'))}",
+            f"hostile unexpected  {n_unexpected}" + (f"  {dict((k, dict(v)) for k, v in stats.hostile_unexpected.items())}" if n_unexpected else ""),
+            f"health              {stats.health_checks} checks, max {1e3 * stats.health_max_s:.0f} ms, {stats.health_failures} not SERVING or failed",
+            f"server RSS          baseline {mib(baseline)}, peak {mib(peak)}, budget {mib(budget)}: peak - baseline = {mib(peak - baseline)}",
+        ]
+        if stuck:
+            lines.append(f"threads still running: {stuck}")
+        if stats.examples:
+            lines.append("first problems:")
+            lines += [f"    {e}" for e in stats.examples]
+        targets = [
+            ("wrong answers = 0", g["wrong"] == 0),
+            ("every good call answered", g["calls"] > 0 and g["answered"] == g["calls"]),
+            ("health within 1 s throughout", stats.health_max_s < 1.0 and stats.health_failures == 0),
+            ("server RSS under baseline + budget", peak < baseline + budget),
+            ("hostile calls got the expected codes", n_unexpected == 0),
+            ("server still serving", serving_problem is None),
+        ]
+        lines.append("targets:")
+        lines += [f"    {'PASS' if ok else 'FAIL'}  {name}" for name, ok in targets]
+        if serving_problem:
+            lines.append(f"server problem: {serving_problem}")
+        passed = all(ok for _, ok in targets)
+        lines.append(f"result: {'PASS' if passed else 'FAIL'}")
+        print("\n".join(lines), flush=True)
+        if not passed:
+            print(f"server log ({server.log.name}), last lines:\n{server.log_tail()}", flush=True)
+        return 0 if passed else 1
+    finally:
+        if server is not None:
+            status = server.stop()
+            if status not in (0, None):
+                print(f"soak: server exited with status {status} on SIGTERM", file=sys.stderr)
+            if passed:
+                os.unlink(server.log.name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=None, help="total calls (default 20000; 1000 with --quick)")
@@ -658,10 +1039,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--server-pid", type=int, default=None, help="PID of the --target server, to read its RSS")
     parser.add_argument("--timeout-s", type=float, default=10.0, help="deadline of each RPC in seconds (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the call plan and inputs (default %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="1000 calls (for tests/test_soak.py)")
+    parser.add_argument("--quick", action="store_true", help="1000 calls, or with --chaos 12 s (for tests/test_soak.py)")
+    parser.add_argument("--chaos", action="store_true",
+                        help="good callers beside every hostile pattern at once, for --duration-s (starts its own server)")
+    parser.add_argument("--duration-s", type=float, default=None, help="--chaos: seconds to run (default 180; 12 with --quick)")
+    parser.add_argument("--good-callers", type=int, default=8, help="--chaos: good caller threads (default %(default)s)")
     parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for the started server, e.g. --server-arg=--max-workers=4 (repeatable)")
     args = parser.parse_args(argv)
+    if args.chaos:
+        torch.set_num_threads(1)
+        return run_chaos(args)
     calls = args.calls if args.calls is not None else (1000 if args.quick else 20000)
     warmup = args.warmup if args.warmup is not None else calls // 10
     if not (0 < warmup < calls) or args.callers < 1 or not 0 <= args.malformed_fraction <= 1:
