@@ -400,7 +400,7 @@ def test_calls_over_the_cap_are_refused_fast_and_health_still_answers() -> None:
     try:
         with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.GradientServiceStub(channel)
-            request = pb.ForwardRequest(function="slow", args=[x1(False), pb.Value(float_value=3.0)])
+            request = pb.ForwardRequest(function="slow", args=[x1(False), pb.Value(float_value=1.5)])
             busy = [stub.Forward.future(request, timeout=30) for _ in range(3)]
             assert wait_until(lambda: running.limiter.in_progress() == 3, timeout_s=10)
             t0 = time.monotonic()
