@@ -80,13 +80,6 @@ _ID_PREFIX = os.urandom(3).hex() + "-"
 _ids = itertools.count(1)
 
 
-class _Current(threading.local):
-    call: _CallRecord | None = None
-
-
-_current = _Current()
-
-
 class _CallRecord:
     """One call's log line, metrics and memory reservation; finished exactly once, with its real final code."""
 
@@ -105,7 +98,6 @@ class _CallRecord:
         self._owner: str | None = None
         self._finished = False
         self._lock = threading.Lock()
-        _current.call = self
 
     def named(self, function: str) -> None:
         self.raw_function = function

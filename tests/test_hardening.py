@@ -703,3 +703,33 @@ def test_system_exit_in_a_function_does_not_stop_a_real_server() -> None:
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert health_check(server.port) == SERVING
         assert server.proc.poll() is None
+
+
+def test_client_certificates_are_identities(tmp_path: Path) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1")
+    server_cert.private_key_pem.write_to_path(tmp_path / "server.key")
+    server_cert.cert_chain_pems[0].write_to_path(tmp_path / "server.pem")
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    running = start(
+        tls_cert_file=str(tmp_path / "server.pem"), tls_key_file=str(tmp_path / "server.key"), tls_client_ca_file=str(tmp_path / "ca.pem")
+    )
+
+    def channel(who: str) -> grpc.Channel:
+        cert = ca.issue_cert(f"{who}@example.com")
+        credentials = grpc.ssl_channel_credentials(ca.cert_pem.bytes(), cert.private_key_pem.bytes(), cert.cert_chain_pems[0].bytes())
+        return grpc.secure_channel(f"127.0.0.1:{running.port}", credentials)
+
+    try:
+        with channel("alice") as a, channel("bob") as b:
+            alice, bob = pb_grpc.GradientServiceStub(a), pb_grpc.GradientServiceStub(b)
+            handle = alice.Forward(pb.ForwardRequest(function="square", args=[x1()], keep_graph=True), timeout=10).handle
+            with pytest.raises(grpc.RpcError) as info:
+                bob.Backward(pb.BackwardRequest(function="square", handle=handle), timeout=10)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            grads = alice.Backward(pb.BackwardRequest(function="square", handle=handle), timeout=10).grads
+            assert codec.decode_maybe_tensor(grads[0]).tolist() == [2.0, 4.0]
+    finally:
+        running.stop(0)
