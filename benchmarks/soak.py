@@ -18,11 +18,27 @@ Targets, each printed PASS/FAIL (exit status 1 if any fails, 2 if the soak canno
   without ``--server-pid``);
 - the server is still up and serving at the end.
 
+``--chaos`` (issue 10) starts a server with tokens and tight limits, then runs good
+callers (the SDK, with a token, retrying only when told the server is busy) beside every
+hostile pattern at once, for ``--duration-s``: streams that send a header and nothing
+more, reflection without a token, 24 MiB streamed uploads against
+``--max-inflight-bytes``, a gzip bomb, unary uploads cancelled midway, 200,000
+arguments, outputs over ``--max-tensor-bytes``, Functions raising SystemExit and
+KeyboardInterrupt, missing and wrong tokens, names with newlines and ANSI escapes,
+another identity's handles, and the malformed calls above. A prober checks health every
+0.1 s and a sampler reads the server's RSS every 0.25 s. Targets: 0 wrong answers, every
+good call answered right, health SERVING within 1 s throughout, peak RSS under the
+baseline (after a good-only warm-up) plus the budget (in-flight bytes + kept graphs +
+4 tensor-sized temporaries per compute slot), every hostile call answered with its
+expected code, and the server still serving.
+
 Usage::
 
     .venv/bin/python benchmarks/soak.py                  # 20,000 calls, about a minute on 2 cores
     .venv/bin/python benchmarks/soak.py --quick          # 1,000 calls, a few seconds
     .venv/bin/python benchmarks/soak.py --target 127.0.0.1:50051 --server-pid 1234
+    .venv/bin/python benchmarks/soak.py --chaos          # 3 minutes of chaos
+    .venv/bin/python benchmarks/soak.py --chaos --quick  # 12 s (the suite runs 8 s)
 """
 
 from __future__ import annotations
