@@ -47,6 +47,9 @@ def _input_meta(inputs: Sequence[Any]) -> tuple[tuple[tuple[int, ...], torch.dty
 
 def _check_grads(name: str, meta: Sequence[Any], grads: Any) -> tuple[Any, ...]:
     grads = grads if isinstance(grads, tuple) else (grads,)
+    if len(grads) > len(meta) and all(g is None for g in grads[len(meta) :]):
+        # As torch does: trailing Nones for parameters the call left to their defaults.
+        grads = grads[: len(meta)]
     if len(grads) != len(meta):
         raise BackwardContractError(
             f"{name} backward returned {_plural(len(grads), 'gradient')} for {_plural(len(meta), 'input')}; "

@@ -6,6 +6,7 @@ INTERNAL, with the traceback only in the server log.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -27,9 +28,9 @@ from gradserve.client import codec, streaming
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
-from ._errors import Abandoned, GradServeServerError
+from ._errors import Abandoned, FunctionError, GradServeServerError
 from ._metrics import Metrics
-from ._runtime import ForwardResult, Runtime
+from ._runtime import ForwardResult, RngReplay, Runtime
 
 __all__ = ["ERROR_DOMAIN", "GradientServicer"]
 
@@ -221,6 +222,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                     kind=f.kind,
                     version=f.version,
                     unavailable_reason=self.runtime.unavailable.get(f.name, ""),
+                    signature=f.signature,
+                    required_inputs=f.required_inputs,
+                    double_backward=f.differentiable_backward,
                 )
                 for f in self.runtime.registry
             ]
@@ -278,46 +282,74 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def _forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext, io: _Payloads) -> pb.ForwardResponse:
         self.runtime.function(request.function)  # NOT_FOUND before decoding any tensor
         args = self._decode_args(request.function, request.args, io)
-        result = self.runtime.forward(request.function, args, keep_graph=request.keep_graph, is_active=context.is_active)
+        kwargs = self._decode_kwargs(request.function, request.kwargs, io)
+        result = self.runtime.forward(
+            request.function,
+            args,
+            kwargs,
+            keep_graph=request.keep_graph,
+            grad_enabled=not request.no_grad,
+            is_active=context.is_active,
+        )
         _fits_one_message(io, result.outputs)
         return pb.ForwardResponse(
-            outputs=_encode_outputs(result, io),
+            outputs=_encode_outputs(request.function, result, io),
             returns_tuple=result.returns_tuple,
             handle=result.handle or "",
             handle_ttl_ms=int(self.runtime.handles.ttl_s * 1000) if result.handle else 0,
             version=result.version,
+            rng=pb.RngReplay(**dataclasses.asdict(result.rng)) if result.rng else None,
         )
 
     def _backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext, io: _Payloads) -> pb.BackwardResponse:
-        self.runtime.function(request.function)
+        function = request.function
+        self.runtime.function(function)
         source = request.WhichOneof("graph")
         if source is None:
-            raise codec.CodecError(f"{request.function} backward: set either handle or recompute")
-        # Slot order: recompute arguments (field 3) before grad_outputs (field 4).
-        args = self._decode_args(request.function, request.recompute.values, io) if source == "recompute" else None
-        grads = self.runtime.backward(
-            request.function,
+            raise codec.CodecError(f"{function} backward: set either handle or recompute")
+        # Slot order: recompute arguments (field 3), grad_outputs (4), lower_order (8).
+        args = kwargs = None
+        if source == "recompute":
+            args = self._decode_args(function, request.recompute.values, io)
+            kwargs = self._decode_kwargs(function, request.recompute.kwargs, io)
+        grad_outputs = self._decode_grad_outputs(function, request.grad_outputs, io)
+        lower_order = [
+            self._decode_grad_outputs(function, c.values, io, what=f"lower_order[{k}]") or []
+            for k, c in enumerate(request.lower_order)
+        ]
+        result = self.runtime.backward(
+            function,
             handle=request.handle if source == "handle" else None,
             args=args,
-            grad_outputs=self._decode_grad_outputs(request.function, request.grad_outputs, io),
+            kwargs=kwargs,
+            grad_outputs=grad_outputs,
+            lower_order=lower_order,
+            keep_graph=request.keep_graph,
+            rng=RngReplay(request.rng.seed, request.rng.device_type, request.rng.torch_version) if request.HasField("rng") else None,
             version=request.version,
             is_active=context.is_active,
         )
-        _fits_one_message(io, grads)
-        return pb.BackwardResponse(grads=[codec.encode_maybe_tensor(g, payloads=io.outgoing) for g in grads])
+        _fits_one_message(io, result.grads)
+        return pb.BackwardResponse(
+            grads=_encode_grads(function, result.grads, io),
+            handle=result.handle or "",
+            handle_ttl_ms=int(self.runtime.handles.ttl_s * 1000) if result.handle else 0,
+        )
 
     def _forward_backward(
         self, request: pb.ForwardBackwardRequest, context: grpc.ServicerContext, io: _Payloads
     ) -> pb.ForwardBackwardResponse:
         self.runtime.function(request.function)
+        # Slot order: args (field 2), grad_outputs (3), kwargs (4).
         args = self._decode_args(request.function, request.args, io)
         grad_outputs = self._decode_grad_outputs(request.function, request.grad_outputs, io)
-        result, grads = self.runtime.forward_backward(request.function, args, grad_outputs, context.is_active)
+        kwargs = self._decode_kwargs(request.function, request.kwargs, io)
+        result, grads = self.runtime.forward_backward(request.function, args, grad_outputs, context.is_active, kwargs)
         _fits_one_message(io, [*result.outputs, *grads])
         return pb.ForwardBackwardResponse(
-            outputs=_encode_outputs(result, io),
+            outputs=_encode_outputs(request.function, result, io),
             returns_tuple=result.returns_tuple,
-            grads=[codec.encode_maybe_tensor(g, payloads=io.outgoing) for g in grads],
+            grads=_encode_grads(request.function, grads, io),
         )
 
     def _decode_args(self, function: str, values: Any, io: _Payloads) -> list[Any]:
@@ -326,15 +358,27 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             for i, v in enumerate(values)
         ]
 
-    def _decode_grad_outputs(self, function: str, values: Any, io: _Payloads) -> list[Any] | None:
+    def _decode_kwargs(self, function: str, named: Any, io: _Payloads) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
+        for item in named:
+            shown = _loggable(item.name)
+            if item.name in kwargs:
+                raise codec.CodecError(f"{function}: keyword argument {shown} given twice")
+            kwargs[item.name] = codec.decode_value(
+                item.value, max_tensor_bytes=self.max_tensor_bytes, what=f"{function} argument {shown}", payloads=io.incoming
+            )
+        return kwargs
+
+    def _decode_grad_outputs(self, function: str, values: Any, io: _Payloads, what: str = "grad_outputs") -> list[Any] | None:
         if not values:
             return None
-        return [
-            codec.decode_maybe_tensor(
-                v, max_bytes=self.max_tensor_bytes, what=f"{function} grad_outputs[{i}]", payloads=io.incoming
-            )
-            for i, v in enumerate(values)
-        ]
+        decoded = []
+        for i, v in enumerate(values):
+            g = codec.decode_maybe_tensor(v, max_bytes=self.max_tensor_bytes, what=f"{function} {what}[{i}]", payloads=io.incoming)
+            if g is not None and getattr(v, v.WhichOneof("kind")).requires_grad and (g.is_floating_point() or g.is_complex()):
+                g.requires_grad_(True)  # a leaf of the graph a keep_graph backward keeps
+            decoded.append(g)
+        return decoded
 
 
 # Protobuf cannot serialise a message of 2 GiB or more; leave room for the envelope.
@@ -357,5 +401,23 @@ def _fits_one_message(io: _Payloads, tensors: Any) -> None:
         )
 
 
-def _encode_outputs(result: ForwardResult, io: _Payloads) -> list[pb.Tensor]:
-    return [codec.encode_tensor(o, requires_grad=d, payloads=io.outgoing) for o, d in zip(result.outputs, result.differentiable)]
+def _encode_outputs(function: str, result: ForwardResult, io: _Payloads) -> list[pb.Tensor]:
+    """The outputs as messages; one the wire cannot carry is the Function's fault, named with its index."""
+    encoded = []
+    for i, (o, d) in enumerate(zip(result.outputs, result.differentiable)):
+        try:
+            encoded.append(codec.encode_tensor(o, requires_grad=d, payloads=io.outgoing))
+        except codec.CodecError as exc:
+            raise FunctionError(f"{function} forward output {i} cannot be sent: {exc}") from None
+    return encoded
+
+
+def _encode_grads(function: str, grads: Any, io: _Payloads) -> list[pb.MaybeTensor]:
+    """Gradients as messages; ``requires_grad`` says whether one can be differentiated again."""
+    encoded = []
+    for i, g in enumerate(grads):
+        try:
+            encoded.append(codec.encode_maybe_tensor(g, requires_grad=g is not None and g.requires_grad, payloads=io.outgoing))
+        except codec.CodecError as exc:
+            raise FunctionError(f"{function} backward: gradient {i} cannot be sent: {exc}") from None
+    return encoded
