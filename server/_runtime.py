@@ -535,8 +535,8 @@ class Runtime:
                 checked.append(None)
                 continue
             if o is None or not o.requires_grad:
-                kind = "absent (None)" if o is None else f"{_dtype_name(o.dtype)}, not differentiable"
-                raise InvalidArgument(f"{entry.name} {what} {i} is {kind}; send none as its grad_output")
+                kind = "is absent (None)" if o is None else f"({_dtype_name(o.dtype)}) is not differentiable"
+                raise InvalidArgument(f"{entry.name} {what} {i} {kind}; send none as its grad_output")
             if g.shape != o.shape or g.dtype != o.dtype:
                 raise InvalidArgument(
                     f"{entry.name} grad_outputs[{i}]: expected {_dtype_name(o.dtype)} "
