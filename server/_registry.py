@@ -27,6 +27,9 @@ ENTRY_POINT_GROUP = "gradserve.functions"
 
 F = TypeVar("F")
 
+# Every @once_differentiable backward is the same wrapper function (functools.wraps hides its name).
+_ONCE_DIFFERENTIABLE_CODE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__
+
 
 class RegistrationError(ValueError):
     """A Function cannot be registered: duplicate name, or not a Function or callable."""
@@ -90,9 +93,17 @@ class RegisteredFunction:
     _signature: inspect.Signature | None = field(default=None, repr=False, compare=False)
 
     @property
+    def once_differentiable(self) -> bool:
+        """Whether the Function class's backward is decorated ``@once_differentiable``."""
+        backward = getattr(self.target, "backward", None) if self.kind == "autograd.Function" else None
+        return getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE
+
+    @property
     def differentiable_backward(self) -> bool:
-        """Whether a backward may be run with ``create_graph=True`` (see ``double_backward``)."""
-        return self.kind == "callable" or self.double_backward
+        """Whether a backward may be run with ``create_graph=True``: a plain callable, or a
+        Function class registered with ``double_backward=True`` whose backward is not
+        ``@once_differentiable``."""
+        return self.kind == "callable" or (self.double_backward and not self.once_differentiable)
 
     def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Check arguments against forward's signature, as Python would; returns what to call ``apply`` with.

@@ -314,11 +314,14 @@ class Runtime:
                 "run the forward again"
             )
         if keep_graph and not entry.differentiable_backward:
-            raise DoubleBackwardUnsupported(
-                f"{name} cannot be differentiated twice (create_graph=True): it is not registered with "
-                "double_backward=True, so its backward is not known to be differentiable. Register it with "
-                "@register(..., double_backward=True) once `gradserve check` passes its second order (gradgradcheck)"
+            why = (
+                "its backward is marked @once_differentiable"
+                if entry.once_differentiable
+                else "it is not registered with double_backward=True, so its backward is not known to be differentiable. "
+                "Register it with @register(..., double_backward=True) once `gradserve check` passes its second order "
+                "(gradgradcheck)"
             )
+            raise DoubleBackwardUnsupported(f"{name} cannot be differentiated twice (create_graph=True): {why}")
         if handle is not None:
             # Taken out of the store at once: of two backwards racing on one handle, the
             # second gets HandleNotFound (and recomputes), never a half-used graph.
