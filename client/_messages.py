@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import numpy as np
 import torch
 
 from gradserve.v1 import gradserve_pb2 as pb
@@ -165,18 +164,10 @@ Payloads = list[torch.Tensor] | None
 """Tensor bytes sent outside the message (StreamCall), or None to send them inline."""
 
 
-def _nbytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        if value.layout == torch.sparse_coo:
-            return _nbytes(value._indices()) + _nbytes(value._values())
-        return value.numel() * value.element_size()
-    return value.nbytes if isinstance(value, np.ndarray) else 0
-
-
 def payload_list(threshold_bytes: int, *groups: Sequence[Any]) -> Payloads:
     """A list to collect tensor bytes in when the tensors and numpy arrays of ``groups``
     total more than ``threshold_bytes`` (the call is then streamed), else None (a unary call)."""
-    total = sum(_nbytes(t) for group in groups for t in group)
+    total = sum(codec.nbytes(t) for group in groups for t in group)
     return [] if total > threshold_bytes else None
 
 
@@ -230,7 +221,11 @@ def forward_request(
 
 
 def forward_backward_request(
-    name: str, args: Sequence[Any], kwargs: Mapping[str, Any], grad_outputs: Sequence[torch.Tensor | None], payloads: Payloads = None
+    name: str,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    grad_outputs: Sequence[torch.Tensor | None],
+    payloads: Payloads = None,
 ) -> pb.ForwardBackwardRequest:
     # Slot order: args (field 2), grad_outputs (field 3), kwargs (field 4).
     values = encode_args(args, payloads=payloads)
@@ -312,7 +307,9 @@ def backward_by_recompute(step: BackwardStep, payloads: Payloads = None) -> pb.B
 def backward_reply(
     response: pb.BackwardResponse, inputs: Sequence[Any], payloads: Iterator[torch.Tensor] | None = None
 ) -> BackwardReply:
-    flags = tuple(m.WhichOneof("kind") in ("tensor", "sparse") and getattr(m, m.WhichOneof("kind")).requires_grad for m in response.grads)
+    flags = tuple(
+        m.WhichOneof("kind") in ("tensor", "sparse") and getattr(m, m.WhichOneof("kind")).requires_grad for m in response.grads
+    )
     return BackwardReply(decode_grads(response.grads, inputs, payloads), flags, response.handle)
 
 

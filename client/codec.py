@@ -33,6 +33,7 @@ __all__ = [
     "encode_sparse",
     "encode_tensor",
     "encode_value",
+    "nbytes",
     "tensor_nbytes",
     "wire_bytes",
 ]
@@ -180,6 +181,15 @@ def decode_tensor(
     return raw.view(dtype).reshape(shape)
 
 
+def nbytes(value: Any) -> int:
+    """Bytes a tensor (dense or sparse COO: indices and values) or numpy array puts on the wire; 0 for anything else."""
+    if isinstance(value, torch.Tensor):
+        if value.layout == torch.sparse_coo:
+            return nbytes(value._indices()) + nbytes(value._values())
+        return value.numel() * value.element_size()
+    return value.nbytes if isinstance(value, np.ndarray) else 0
+
+
 def wire_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor's wire bytes: a C-contiguous uint8 CPU tensor in logical order (a view when possible).
 
@@ -220,7 +230,9 @@ def encode_tensor(tensor: Any, *, requires_grad: bool | None = None, payloads: l
         raise CodecError(f"a meta tensor (shape {_shape_text(tensor.shape)}) has no data to send")
     wire = DTYPE_TO_WIRE.get(tensor.dtype)
     if wire is None:
-        raise CodecError(f"dtype {_dtype_name(tensor.dtype)} cannot be sent; supported: {', '.join(map(_dtype_name, DTYPE_TO_WIRE))}")
+        raise CodecError(
+            f"dtype {_dtype_name(tensor.dtype)} cannot be sent; supported: {', '.join(map(_dtype_name, DTYPE_TO_WIRE))}"
+        )
     if requires_grad is None:
         requires_grad = tensor.requires_grad
     raw = wire_bytes(tensor)
@@ -232,7 +244,9 @@ def encode_tensor(tensor: Any, *, requires_grad: bool | None = None, payloads: l
     return msg
 
 
-def encode_sparse(tensor: torch.Tensor, *, requires_grad: bool | None = None, payloads: list[torch.Tensor] | None = None) -> pb.SparseTensor:
+def encode_sparse(
+    tensor: torch.Tensor, *, requires_grad: bool | None = None, payloads: list[torch.Tensor] | None = None
+) -> pb.SparseTensor:
     """Encode a sparse COO tensor as its indices and values, as stored (not coalesced).
 
     ``requires_grad`` and ``payloads`` as :func:`encode_tensor` (indices, then values).
@@ -279,7 +293,11 @@ def decode_sparse(
             f"{what}: sparse indices must be int64 of shape [sparse_dim, nnz] with nnz = values.shape[0]; "
             f"got {_dtype_name(indices.dtype)} {list(indices.shape)} and values {list(values.shape)}"
         )
-    if any(d < 0 for d in shape) or indices.shape[0] + values.dim() - 1 != len(shape) or list(values.shape[1:]) != shape[indices.shape[0] :]:
+    if (
+        any(d < 0 for d in shape)
+        or indices.shape[0] + values.dim() - 1 != len(shape)
+        or list(values.shape[1:]) != shape[indices.shape[0] :]
+    ):
         raise CodecError(
             f"{what}: sparse tensor of shape {_shape_text(shape)} does not match indices {list(indices.shape)} "
             f"and values {list(values.shape)}"

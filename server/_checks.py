@@ -209,7 +209,9 @@ def check_function(entry: RegisteredFunction) -> CheckResult:
     if not entry.differentiable_backward:
         return CheckResult(entry.name, first_verdict, "skip", "; ".join(d for d in first if d))
     try:
-        second = [_verdict(torch.autograd.gradgradcheck, entry.apply, sample, f"second order ({kind})") for kind, sample in samples]
+        second = [
+            _verdict(torch.autograd.gradgradcheck, entry.apply, sample, f"second order ({kind})") for kind, sample in samples
+        ]
     except Exception as exc:  # noqa: BLE001
         second = [f"second order: {type(exc).__name__}: {exc}"]
     details = "; ".join(d for d in [*first, *second] if d)

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from gradserve.client import codec
+
 from ._errors import HandleNotFound
 from ._registry import RegisteredFunction
 
@@ -42,13 +44,7 @@ class Graph:
     expires_at: float = 0.0
 
     def __post_init__(self) -> None:
-        self.nbytes = sum(_nbytes(t) for t in [*self.inputs, *self.outputs] if isinstance(t, torch.Tensor))
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    if t.layout == torch.sparse_coo:
-        return _nbytes(t._indices()) + _nbytes(t._values())
-    return t.numel() * t.element_size()
+        self.nbytes = sum(codec.nbytes(t) for t in [*self.inputs, *self.outputs])
 
 
 class HandleStore:

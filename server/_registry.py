@@ -127,7 +127,9 @@ class RegisteredFunction:
             counts = most if self.required_inputs == self.num_inputs else f"{self.required_inputs} to {most}"
             noun = "argument" if counts == "1" else "arguments"
             given = f"{len(args)}" + (f" positional and {len(kwargs)} keyword" if kwargs else "")
-            raise TypeError(f"{self.name} takes {counts} {noun}, got {given}: {exc}; signature {self.name}{self.signature}") from None
+            raise TypeError(
+                f"{self.name} takes {counts} {noun}, got {given}: {exc}; signature {self.name}{self.signature}"
+            ) from None
         if self.kind == "autograd.Function" and kwargs:
             bound.apply_defaults()
             return tuple(bound.args), {}

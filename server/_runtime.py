@@ -513,7 +513,9 @@ class Runtime:
                 values = t._values() if t.layout == torch.sparse_coo else t
                 bad = int((~torch.isfinite(values)).sum())
                 if bad:
-                    raise NonFinite(f"{entry.name} {what} {i} holds {bad} NaN or Inf value(s) of {values.numel()} (--check-finite)")
+                    raise NonFinite(
+                        f"{entry.name} {what} {i} holds {bad} NaN or Inf value(s) of {values.numel()} (--check-finite)"
+                    )
 
     def _check_grad_outputs(
         self,

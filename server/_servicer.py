@@ -325,7 +325,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             grad_outputs=grad_outputs,
             lower_order=lower_order,
             keep_graph=request.keep_graph,
-            rng=RngReplay(request.rng.seed, request.rng.device_type, request.rng.torch_version) if request.HasField("rng") else None,
+            rng=RngReplay(request.rng.seed, request.rng.device_type, request.rng.torch_version)
+            if request.HasField("rng")
+            else None,
             version=request.version,
             is_active=context.is_active,
         )
@@ -374,7 +376,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             return None
         decoded = []
         for i, v in enumerate(values):
-            g = codec.decode_maybe_tensor(v, max_bytes=self.max_tensor_bytes, what=f"{function} {what}[{i}]", payloads=io.incoming)
+            g = codec.decode_maybe_tensor(
+                v, max_bytes=self.max_tensor_bytes, what=f"{function} {what}[{i}]", payloads=io.incoming
+            )
             if g is not None and getattr(v, v.WhichOneof("kind")).requires_grad and (g.is_floating_point() or g.is_complex()):
                 g.requires_grad_(True)  # a leaf of the graph a keep_graph backward keeps
             decoded.append(g)
@@ -393,7 +397,7 @@ def _fits_one_message(io: _Payloads, tensors: Any) -> None:
     """Refuse a unary reply over protobuf's 2 GiB ceiling; the client then repeats the call streamed."""
     if io.outgoing is not None:
         return
-    total = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    total = sum(codec.nbytes(t) for t in tensors)
     if total > UNARY_RESPONSE_LIMIT_BYTES:
         raise _ResponseTooLarge(
             f"{_call.function}: the reply holds {total} bytes of tensors, over the {UNARY_RESPONSE_LIMIT_BYTES} bytes "

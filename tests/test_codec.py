@@ -152,7 +152,7 @@ def test_unsupported_dtypes_are_refused_when_encoding() -> None:
     with pytest.raises(codec.CodecError, match="dtype float8_e4m3fnuz cannot be sent"):
         codec.encode_tensor(torch.zeros(2, dtype=torch.float8_e4m3fnuz))
     with pytest.raises(codec.CodecError, match="dense"):
-        codec.encode_tensor(torch.eye(2).to_sparse_csr())
+        codec.encode_tensor(torch.eye(2).to_sparse())  # sparse goes through encode_sparse
     with pytest.raises(codec.CodecError, match="meta tensor"):
         codec.encode_tensor(torch.empty(2, device="meta"))
 

@@ -3,7 +3,8 @@
 Expected values come from local PyTorch with plain torch ops (an oracle independent of
 the example classes), or are computed by hand. Every higher-order case runs twice: on a
 server that keeps graphs (backward by handle) and on one that keeps none (every order
-recomputed from the arguments, the lower-order cotangents and the forward's seed).
+recomputed from the arguments, the lower-order cotangents and the forward's seed), in
+single messages and streamed.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ _KINDS = {
 
 @pytest.fixture(scope="module")
 def servers() -> Iterator[dict[str, RunningServer]]:
-    running = {kind: create_server(ServerConfig(port=0, device="cpu", max_workers=8, **cfg), registry) for kind, cfg in _KINDS.items()}
+    running = {
+        kind: create_server(ServerConfig(port=0, device="cpu", max_workers=8, **cfg), registry) for kind, cfg in _KINDS.items()
+    }
     yield running
     for server in running.values():
         server.stop(0)
@@ -47,12 +50,15 @@ def servers() -> Iterator[dict[str, RunningServer]]:
 @pytest.fixture(scope="module")
 def clients(servers: dict[str, RunningServer]) -> Iterator[dict[str, GradientClient]]:
     made = {kind: GradientClient(f"127.0.0.1:{s.port}", timeout=60) for kind, s in servers.items()}
+    # Every call through StreamCall, every order recomputed: the stream's slot order
+    # (arguments, keyword arguments, grad_outputs, lower-order cotangents) is exercised.
+    made["streamed"] = GradientClient(f"127.0.0.1:{servers['recompute'].port}", timeout=60, stream_threshold_bytes=-1)
     yield made
     for c in made.values():
         c.close()
 
 
-@pytest.fixture(params=["handle", "recompute"])
+@pytest.fixture(params=["handle", "recompute", "streamed"])
 def remote(request: pytest.FixtureRequest, clients: dict[str, GradientClient]) -> GradientClient:
     return clients[request.param]
 
@@ -400,7 +406,7 @@ def test_remote_gradients_equal_local_autograd(clients: dict[str, GradientClient
 
     for kind in ("handle", "recompute"):
         function = clients[kind].function(name)
-        remote_first, remote_second = grads(lambda *xs: function(*xs, *extra))
+        remote_first, remote_second = grads(lambda *xs, f=function: f(*xs, *extra))
         local_first, local_second = grads(oracle)
         for r, loc in zip(remote_first + remote_second, local_first + local_second):
             torch.testing.assert_close(r, loc, **tol)
