@@ -186,6 +186,19 @@ def _verdict(check: Callable[..., bool], fn: Callable[..., Any], inputs: tuple[A
     return ""
 
 
+def _seeded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with the random generators reseeded before every call (restored after), so a
+    Function that draws random numbers (dropout) is checked on fixed draws, as the server
+    replays them on a recompute."""
+
+    def call(*args: Any) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(0)
+            return fn(*args)
+
+    return call
+
+
 def check_function(entry: RegisteredFunction) -> CheckResult:
     """torch's gradcheck, and gradgradcheck where the backward may be differentiated, in float64.
 
@@ -197,21 +210,20 @@ def check_function(entry: RegisteredFunction) -> CheckResult:
     if not entry.gradcheck:
         return CheckResult(entry.name, "skip", "skip", entry.skip_reason or "declared gradcheck=False")
     samples: list[tuple[str, tuple[Any, ...]]] = []
+    apply = _seeded(entry.apply)
     try:
         inputs = tuple(entry.sample_inputs() if entry.sample_inputs else default_sample_inputs(entry.required_inputs or 1))
         samples.append(("float64", inputs))
         if entry.supports_complex:
             samples.append(("complex128", complex_sample(inputs)))
-        first = [_verdict(torch.autograd.gradcheck, entry.apply, sample, f"first order ({kind})") for kind, sample in samples]
+        first = [_verdict(torch.autograd.gradcheck, apply, sample, f"first order ({kind})") for kind, sample in samples]
     except Exception as exc:  # noqa: BLE001 - a broken Function is a failed check, not a crash
         return CheckResult(entry.name, "fail", "skip", f"{type(exc).__name__}: {exc}")
     first_verdict = "fail" if any(first) else "pass"
     if not entry.differentiable_backward:
         return CheckResult(entry.name, first_verdict, "skip", "; ".join(d for d in first if d))
     try:
-        second = [
-            _verdict(torch.autograd.gradgradcheck, entry.apply, sample, f"second order ({kind})") for kind, sample in samples
-        ]
+        second = [_verdict(torch.autograd.gradgradcheck, apply, sample, f"second order ({kind})") for kind, sample in samples]
     except Exception as exc:  # noqa: BLE001
         second = [f"second order: {type(exc).__name__}: {exc}"]
     details = "; ".join(d for d in [*first, *second] if d)

@@ -211,6 +211,11 @@ def test_recompute_refuses_randomness_from_another_kind_of_server() -> None:
         runtime.backward("dropout", args=[x], rng=RngReplay(forwarded.rng.seed, "cuda", torch.__version__))
 
 
+def test_check_runs_a_random_function_on_fixed_draws() -> None:
+    result = check_function(registry.get("dropout"))
+    assert (result.first_order, result.second_order) == ("pass", "pass"), result.detail
+
+
 # -- 3. complex numbers ---------------------------------------------------------------------
 
 
