@@ -71,10 +71,11 @@ class AsyncGradientClient:
         """As :meth:`GradientClient.list_functions`."""
         return m.function_infos(await self._call(self._stub.ListFunctions, pb.ListFunctionsRequest(), timeout))
 
-    async def forward(self, name: str, *args: Any, timeout: float | None = None) -> Outputs:
+    async def forward(self, name: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Outputs:
         """As :meth:`GradientClient.forward`."""
-        payloads = m.payload_list(self.stream_threshold_bytes, args)
-        response, incoming = await self._invoke("forward", m.forward_request(name, args, payloads), payloads, timeout)
+        payloads = m.payload_list(self.stream_threshold_bytes, args, kwargs.values())
+        request = m.forward_request(name, args, kwargs, payloads)
+        response, incoming = await self._invoke("forward", request, payloads, timeout)
         return m.decode_outputs(response.outputs, response.returns_tuple, args, incoming)
 
     async def forward_backward(
@@ -83,13 +84,14 @@ class AsyncGradientClient:
         *args: Any,
         grad_outputs: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
         timeout: float | None = None,
+        **kwargs: Any,
     ) -> ForwardBackwardResult:
         """As :meth:`GradientClient.forward_backward`."""
         grad_outputs = m.as_grad_outputs(grad_outputs)
-        payloads = m.payload_list(self.stream_threshold_bytes, args, grad_outputs)
-        request = m.forward_backward_request(name, args, grad_outputs, payloads)
+        payloads = m.payload_list(self.stream_threshold_bytes, args, grad_outputs, kwargs.values())
+        request = m.forward_backward_request(name, args, kwargs, grad_outputs, payloads)
         response, incoming = await self._invoke("forward_backward", request, payloads, timeout)
-        return m.forward_backward_result(response, args, incoming)
+        return m.forward_backward_result(response, [*args, *kwargs.values()], incoming)
 
     async def _invoke(
         self, kind: str, request: Any, payloads: list[torch.Tensor] | None, timeout: float | None

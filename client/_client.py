@@ -101,16 +101,19 @@ class GradientClient:
         """The Functions the server serves, sorted by name."""
         return m.function_infos(self._call(self._stub.ListFunctions, pb.ListFunctionsRequest(), timeout))
 
-    def forward(self, name: str, *args: Any, timeout: float | None = None) -> Outputs:
+    def forward(self, name: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Outputs:
         """Run the Function's forward on the server; no graph is kept.
 
         Parameters
         ----------
         name
             Registered name.
-        *args
-            Positional arguments: tensors (any device, dtype, strides), numpy arrays,
-            bool, int, float, str or None.
+        *args, **kwargs
+            Arguments, as the Function's forward takes them (defaults fill what is
+            left out): tensors (any device, dtype, strides; sparse COO), numpy arrays
+            and scalars, bool, int, float, str or None. ``timeout`` is this method's
+            own keyword. The forward runs in the caller's grad mode (off under
+            ``torch.no_grad()``).
 
         Returns
         -------
@@ -118,8 +121,8 @@ class GradientClient:
             Shaped like the Function's return; on the first tensor argument's device;
             detached (use :meth:`function` to join your autograd graph).
         """
-        payloads = self._payloads(args)
-        response, incoming = self._invoke("forward", m.forward_request(name, args, payloads), payloads, timeout)
+        payloads = self._payloads(args, kwargs.values())
+        response, incoming = self._invoke("forward", m.forward_request(name, args, kwargs, payloads), payloads, timeout)
         return m.decode_outputs(response.outputs, response.returns_tuple, args, incoming)
 
     def forward_backward(
@@ -128,12 +131,13 @@ class GradientClient:
         *args: Any,
         grad_outputs: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
         timeout: float | None = None,
+        **kwargs: Any,
     ) -> ForwardBackwardResult:
         """Forward and backward in one round trip; the server keeps nothing.
 
         Parameters
         ----------
-        name, *args
+        name, *args, **kwargs
             As :meth:`forward`. Gradients are computed for the tensor arguments with
             ``requires_grad=True``, as torch would.
         grad_outputs
@@ -148,27 +152,33 @@ class GradientClient:
             ``.outputs`` as :meth:`forward`; ``.grads`` aligned with ``args``.
         """
         grad_outputs = m.as_grad_outputs(grad_outputs)
-        payloads = self._payloads(args, grad_outputs)
-        request = m.forward_backward_request(name, args, grad_outputs, payloads)
+        payloads = self._payloads(args, grad_outputs, kwargs.values())
+        request = m.forward_backward_request(name, args, kwargs, grad_outputs, payloads)
         response, incoming = self._invoke("forward_backward", request, payloads, timeout)
-        return m.forward_backward_result(response, args, incoming)
+        return m.forward_backward_result(response, [*args, *kwargs.values()], incoming)
 
     def function(self, name: str, *, timeout: float | None = None) -> Callable[..., Outputs]:
         """A callable running the remote Function as one differentiable step of your graph.
 
-        ``y = client.function("square")(x)`` runs the forward on the server (which
-        keeps the graph); ``y.sum().backward()`` later sends the upstream gradients and
-        fills ``x.grad``. Integer outputs and outputs the server marks
+        ``y = client.function("square")(x, k=2.0)`` runs the forward on the server
+        (which keeps the graph); ``y.sum().backward()`` later sends the upstream
+        gradients and fills ``x.grad``. Integer outputs and outputs the server marks
         non-differentiable do not require grad. If the server no longer has the graph
         (restart, eviction, another replica), backward sends the inputs again and the
-        server recomputes: same gradients, no error. When the outputs are dropped
-        without a backward, the client tells the server to free the graph. Double
-        backward through the remote step is not supported.
-        """
-        from ._autograd import RemoteFunction
+        server recomputes, replaying the forward's random numbers: same gradients, no
+        error. When the outputs are dropped without a backward, the client tells the
+        server to free the graph.
 
-        def call(*args: Any) -> Outputs:
-            return RemoteFunction.apply(self, name, timeout, *args)
+        Higher-order gradients work as locally: with ``create_graph=True`` the
+        backward is itself a remote differentiable step (its own backward runs on the
+        server), to any order: gradient penalties, ``torch.autograd.functional.hvp``,
+        MAML. A Function class not registered with ``double_backward=True`` refuses
+        it with :class:`FunctionFailedError` (reason DOUBLE_BACKWARD_UNSUPPORTED).
+        """
+        from ._autograd import remote_call
+
+        def call(*args: Any, **kwargs: Any) -> Outputs:
+            return remote_call(self, name, timeout, args, kwargs)
 
         call.__name__ = call.__qualname__ = name
         call.__doc__ = f"Remote gradserve Function {name!r} at {self.target}."
@@ -176,45 +186,34 @@ class GradientClient:
 
     # -- used by the autograd step ---------------------------------------------------
 
-    def _forward_keep(self, name: str, args: Sequence[Any], requires_grad: Sequence[bool], timeout: float | None) -> Forwarded:
-        payloads = self._payloads(args)
-        values = m.encode_args(args, requires_grad, payloads)
-        request = pb.ForwardRequest(function=name, args=values, keep_graph=any(requires_grad))
+    def _forward_keep(
+        self,
+        name: str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        requires_grad: Sequence[bool],
+        grad_enabled: bool,
+        timeout: float | None,
+    ) -> Forwarded:
+        payloads = self._payloads(args, kwargs.values())
+        request = m.forward_request(name, args, kwargs, payloads, requires_grad, grad_enabled)
         response, incoming = self._invoke("forward", request, payloads, timeout)
         return m.forwarded(response, args, incoming)
 
-    def _backward(
-        self,
-        name: str,
-        forwarded: Forwarded,
-        args: Sequence[Any],
-        requires_grad: Sequence[bool],
-        grad_outputs: Sequence[torch.Tensor | None],
-        timeout: float | None,
-    ) -> tuple[torch.Tensor | None, ...]:
-        if forwarded.handle:
-            payloads = self._payloads(grad_outputs)
-            request = pb.BackwardRequest(
-                function=name,
-                handle=forwarded.handle,
-                version=forwarded.version,
-                grad_outputs=m.encode_grad_outputs(grad_outputs, payloads),
-            )
+    def _backward(self, step: m.BackwardStep, timeout: float | None) -> m.BackwardReply:
+        """One remote backward of the autograd bridge: by handle, else by recompute."""
+        if step.handle:
+            payloads = self._payloads(step.grad_outputs)
+            request = m.backward_by_handle(step, payloads)
             try:
                 response, incoming = self._invoke("backward", request, payloads, timeout)
-                return m.decode_grads(response.grads, args, incoming)
+                return m.backward_reply(response, step.inputs, incoming)
             except HandleNotFoundError:
                 pass  # the graph is gone: recompute below, the caller sees no error
-        payloads = self._payloads(args, grad_outputs)
-        recompute = pb.Arguments(values=m.encode_args(args, requires_grad, payloads))  # slot order: before grad_outputs
-        request = pb.BackwardRequest(
-            function=name,
-            recompute=recompute,
-            version=forwarded.version,
-            grad_outputs=m.encode_grad_outputs(grad_outputs, payloads),
-        )
+        payloads = self._payloads(step.inputs, step.grad_outputs)
+        request = m.backward_by_recompute(step, payloads)
         response, incoming = self._invoke("backward", request, payloads, timeout)
-        return m.decode_grads(response.grads, args, incoming)
+        return m.backward_reply(response, step.inputs, incoming)
 
     def _payloads(self, *groups: Sequence[Any]) -> list[torch.Tensor] | None:
         return m.payload_list(self.stream_threshold_bytes, *groups)

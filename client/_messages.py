@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +108,12 @@ class FunctionInfo:
         Version of its code on the server.
     unavailable_reason : str
         Empty when served; else why not (e.g. it failed the server's start-up gradcheck).
+    signature : str
+        forward's parameters, defaults included: ``"(x, k=3.0)"``.
+    required_inputs : int
+        Arguments without a default.
+    double_backward : bool
+        Whether its backward may be differentiated (``create_graph=True``).
     """
 
     name: str
@@ -116,6 +122,9 @@ class FunctionInfo:
     kind: str
     version: str
     unavailable_reason: str = ""
+    signature: str = ""
+    required_inputs: int = 0
+    double_backward: bool = False
 
 
 @dataclass(frozen=True)
@@ -127,8 +136,9 @@ class ForwardBackwardResult:
     outputs : Tensor or tuple of Tensor
         As :meth:`GradientClient.forward` returns them.
     grads : tuple of (Tensor or None)
-        One entry per argument, aligned with the arguments: the gradient, on the
-        argument's device and dtype, or None where the argument is not a tensor with
+        One entry per argument, positional then keyword in the order given: the
+        gradient, on the argument's device and dtype (sparse where torch computes it
+        sparse), or None where the argument is not a tensor with
         ``requires_grad=True`` or the Function returned no gradient for it.
     """
 
@@ -145,6 +155,7 @@ class Forwarded:
     differentiable: tuple[bool, ...]
     handle: str
     version: str
+    rng: pb.RngReplay | None = None
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -154,22 +165,24 @@ Payloads = list[torch.Tensor] | None
 
 
 def payload_list(threshold_bytes: int, *groups: Sequence[Any]) -> Payloads:
-    """A list to collect tensor bytes in when the tensors of ``groups`` total more than
-    ``threshold_bytes`` (the call is then streamed), else None (a unary call)."""
-    total = sum(t.numel() * t.element_size() for group in groups for t in group if isinstance(t, torch.Tensor))
+    """A list to collect tensor bytes in when the tensors and numpy arrays of ``groups``
+    total more than ``threshold_bytes`` (the call is then streamed), else None (a unary call)."""
+    total = sum(codec.nbytes(t) for group in groups for t in group)
     return [] if total > threshold_bytes else None
 
 
 def encode_args(args: Sequence[Any], requires_grad: Sequence[bool] | None = None, payloads: Payloads = None) -> list[pb.Value]:
-    """Positional arguments as Values; ``requires_grad`` overrides each tensor's own flag."""
-    if requires_grad is None:
-        return [codec.encode_value(a, payloads=payloads) for a in args]
-    return [
-        pb.Value(tensor=codec.encode_tensor(a, requires_grad=rg, payloads=payloads))
-        if isinstance(a, torch.Tensor)
-        else codec.encode_value(a)
-        for a, rg in zip(args, requires_grad)
-    ]
+    """Arguments as Values; ``requires_grad`` overrides each tensor's own flag."""
+    flags = requires_grad if requires_grad is not None else [None] * len(args)
+    return [codec.encode_value(a, requires_grad=rg, payloads=payloads) for a, rg in zip(args, flags)]
+
+
+def encode_kwargs(
+    kwargs: Mapping[str, Any], requires_grad: Sequence[bool] | None = None, payloads: Payloads = None
+) -> list[pb.NamedValue]:
+    """Keyword arguments as NamedValues, in the order given; ``requires_grad`` as :func:`encode_args`."""
+    values = encode_args(list(kwargs.values()), requires_grad, payloads)
+    return [pb.NamedValue(name=k, value=v) for k, v in zip(kwargs, values)]
 
 
 def as_grad_outputs(grad_outputs: torch.Tensor | Sequence[torch.Tensor | None] | None) -> Sequence[torch.Tensor | None]:
@@ -179,21 +192,125 @@ def as_grad_outputs(grad_outputs: torch.Tensor | Sequence[torch.Tensor | None] |
     return (grad_outputs,) if isinstance(grad_outputs, torch.Tensor) else grad_outputs
 
 
-def encode_grad_outputs(grad_outputs: Sequence[torch.Tensor | None], payloads: Payloads = None) -> list[pb.MaybeTensor]:
-    return [codec.encode_maybe_tensor(g, payloads=payloads) for g in grad_outputs]
+def encode_grad_outputs(
+    grad_outputs: Sequence[torch.Tensor | None], payloads: Payloads = None, requires_grad: Sequence[bool] | None = None
+) -> list[pb.MaybeTensor]:
+    """Cotangents as MaybeTensors; ``requires_grad`` marks those that are leaves of a kept graph."""
+    flags = requires_grad if requires_grad is not None else [False] * len(grad_outputs)
+    return [codec.encode_maybe_tensor(g, requires_grad=rg, payloads=payloads) for g, rg in zip(grad_outputs, flags)]
 
 
-def forward_request(name: str, args: Sequence[Any], payloads: Payloads = None) -> pb.ForwardRequest:
-    """A plain forward: no gradients wanted, so the server records no graph."""
-    return pb.ForwardRequest(function=name, args=encode_args(args, [False] * len(args), payloads))
+def forward_request(
+    name: str,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    payloads: Payloads = None,
+    requires_grad: Sequence[bool] | None = None,
+    grad_enabled: bool | None = None,
+) -> pb.ForwardRequest:
+    """A forward in the caller's grad mode (default: the current one). ``requires_grad``
+    (positional then keyword) None: no gradients wanted, so the server keeps no graph."""
+    flags = list(requires_grad) if requires_grad is not None else [False] * (len(args) + len(kwargs))
+    return pb.ForwardRequest(
+        function=name,
+        args=encode_args(args, flags[: len(args)], payloads),
+        kwargs=encode_kwargs(kwargs, flags[len(args) :], payloads),  # slot order: args, then kwargs
+        keep_graph=any(flags),
+        no_grad=not (torch.is_grad_enabled() if grad_enabled is None else grad_enabled),
+    )
 
 
 def forward_backward_request(
-    name: str, args: Sequence[Any], grad_outputs: Sequence[torch.Tensor | None], payloads: Payloads = None
+    name: str,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    grad_outputs: Sequence[torch.Tensor | None],
+    payloads: Payloads = None,
 ) -> pb.ForwardBackwardRequest:
-    # Slot order: args (field 2) are encoded before grad_outputs (field 3).
+    # Slot order: args (field 2), grad_outputs (field 3), kwargs (field 4).
     values = encode_args(args, payloads=payloads)
-    return pb.ForwardBackwardRequest(function=name, args=values, grad_outputs=encode_grad_outputs(grad_outputs, payloads))
+    cotangents = encode_grad_outputs(grad_outputs, payloads)
+    named = encode_kwargs(kwargs, payloads=payloads)
+    return pb.ForwardBackwardRequest(function=name, args=values, grad_outputs=cotangents, kwargs=named)
+
+
+@dataclass(frozen=True)
+class BackwardStep:
+    """One backward of the autograd bridge: of a forward's graph (order 1) or of a gradient's (order k >= 2).
+
+    ``inputs`` are the graph's inputs, flat: the positional arguments, the keyword
+    arguments' values (``kwarg_names``), then the cotangents of orders 1 .. k-1
+    (``levels`` gives how many entries each has). ``built`` is each input's
+    ``requires_grad`` as the graph was built, so a recompute builds the same graph.
+    ``grad_outputs`` are the cotangents of this order; ``grad_output_leaves`` marks
+    those the next order may differentiate (with ``keep_graph``).
+    """
+
+    name: str
+    version: str
+    handle: str
+    rng: pb.RngReplay | None
+    num_positional: int
+    kwarg_names: tuple[str, ...]
+    levels: tuple[int, ...]
+    inputs: list[Any]
+    built: list[bool]
+    grad_outputs: Sequence[torch.Tensor | None]
+    grad_output_leaves: list[bool]
+    keep_graph: bool
+
+
+@dataclass(frozen=True)
+class BackwardReply:
+    """Gradients of a :class:`BackwardStep`, aligned with its inputs; with ``keep_graph``,
+    whether each can be differentiated again and the handle of their graph."""
+
+    grads: tuple[torch.Tensor | None, ...]
+    differentiable: tuple[bool, ...]
+    handle: str
+
+
+def backward_by_handle(step: BackwardStep, payloads: Payloads = None) -> pb.BackwardRequest:
+    return pb.BackwardRequest(
+        function=step.name,
+        handle=step.handle,
+        version=step.version,
+        grad_outputs=encode_grad_outputs(step.grad_outputs, payloads, step.grad_output_leaves),
+        keep_graph=step.keep_graph,
+    )
+
+
+def backward_by_recompute(step: BackwardStep, payloads: Payloads = None) -> pb.BackwardRequest:
+    # Slot order: recompute's args and kwargs, grad_outputs, then lower_order.
+    n, n0 = step.num_positional, step.num_positional + len(step.kwarg_names)
+    recompute = pb.Arguments(
+        values=encode_args(step.inputs[:n], step.built[:n], payloads),
+        kwargs=encode_kwargs(dict(zip(step.kwarg_names, step.inputs[n:n0])), step.built[n:n0], payloads),
+    )
+    grad_outputs = encode_grad_outputs(step.grad_outputs, payloads, step.grad_output_leaves)
+    lower_order, start = [], n0
+    for size in step.levels:
+        chunk = slice(start, start + size)
+        lower_order.append(pb.Cotangents(values=encode_grad_outputs(step.inputs[chunk], payloads, step.built[chunk])))
+        start += size
+    return pb.BackwardRequest(
+        function=step.name,
+        recompute=recompute,
+        version=step.version,
+        grad_outputs=grad_outputs,
+        keep_graph=step.keep_graph,
+        rng=step.rng,
+        lower_order=lower_order,
+    )
+
+
+def backward_reply(
+    response: pb.BackwardResponse, inputs: Sequence[Any], payloads: Iterator[torch.Tensor] | None = None
+) -> BackwardReply:
+    flags = tuple(
+        m.WhichOneof("kind") in ("tensor", "sparse") and getattr(m, m.WhichOneof("kind")).requires_grad for m in response.grads
+    )
+    return BackwardReply(decode_grads(response.grads, inputs, payloads), flags, response.handle)
 
 
 # -- replies ---------------------------------------------------------------------------------
@@ -216,9 +333,9 @@ def decode_outputs(
 def decode_grads(
     messages: Sequence[pb.MaybeTensor], args: Sequence[Any], payloads: Iterator[torch.Tensor] | None = None
 ) -> tuple[torch.Tensor | None, ...]:
-    """Gradients aligned with ``args``, each on its argument's device and dtype."""
+    """Gradients aligned with ``args`` (the graph's inputs), each on its argument's device and dtype."""
     if len(messages) != len(args):
-        raise codec.CodecError(f"server sent {len(messages)} gradients for {len(args)} arguments")
+        raise codec.CodecError(f"server sent {len(messages)} gradients for {len(args)} inputs")
     grads: list[torch.Tensor | None] = []
     for i, (m, arg) in enumerate(zip(messages, args)):
         g = codec.decode_maybe_tensor(m, what=f"gradient {i}", payloads=payloads)
@@ -244,6 +361,7 @@ def forwarded(response: pb.ForwardResponse, args: Sequence[Any], payloads: Itera
         differentiable=tuple(t.requires_grad for t in response.outputs),
         handle=response.handle,
         version=response.version,
+        rng=response.rng if response.HasField("rng") else None,
     )
 
 
@@ -286,6 +404,9 @@ def function_infos(response: pb.ListFunctionsResponse) -> list[FunctionInfo]:
             kind=f.kind,
             version=f.version,
             unavailable_reason=f.unavailable_reason,
+            signature=f.signature,
+            required_inputs=f.required_inputs,
+            double_backward=f.double_backward,
         )
         for f in response.functions
     ]

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from google.protobuf import struct_pb2
 
@@ -25,11 +26,14 @@ __all__ = [
     "CodecError",
     "TensorTooLarge",
     "decode_maybe_tensor",
+    "decode_sparse",
     "decode_tensor",
     "decode_value",
     "encode_maybe_tensor",
+    "encode_sparse",
     "encode_tensor",
     "encode_value",
+    "nbytes",
     "tensor_nbytes",
     "wire_bytes",
 ]
@@ -50,6 +54,11 @@ DTYPE_TO_WIRE: dict[torch.dtype, int] = {
     torch.float64: pb.DTYPE_FLOAT64,
     torch.complex64: pb.DTYPE_COMPLEX64,
     torch.complex128: pb.DTYPE_COMPLEX128,
+    torch.uint16: pb.DTYPE_UINT16,
+    torch.uint32: pb.DTYPE_UINT32,
+    torch.uint64: pb.DTYPE_UINT64,
+    torch.float8_e4m3fn: pb.DTYPE_FLOAT8_E4M3FN,
+    torch.float8_e5m2: pb.DTYPE_FLOAT8_E5M2,
 }
 WIRE_TO_DTYPE: dict[int, torch.dtype] = {v: k for k, v in DTYPE_TO_WIRE.items()}
 
@@ -172,6 +181,15 @@ def decode_tensor(
     return raw.view(dtype).reshape(shape)
 
 
+def nbytes(value: Any) -> int:
+    """Bytes a tensor (dense or sparse COO: indices and values) or numpy array puts on the wire; 0 for anything else."""
+    if isinstance(value, torch.Tensor):
+        if value.layout == torch.sparse_coo:
+            return nbytes(value._indices()) + nbytes(value._values())
+        return value.numel() * value.element_size()
+    return value.nbytes if isinstance(value, np.ndarray) else 0
+
+
 def wire_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor's wire bytes: a C-contiguous uint8 CPU tensor in logical order (a view when possible).
 
@@ -200,15 +218,21 @@ def encode_tensor(tensor: Any, *, requires_grad: bool | None = None, payloads: l
     Raises
     ------
     CodecError
-        Unsupported dtype (e.g. float8, quantized) or a sparse tensor.
+        Unsupported dtype (e.g. quantized, float8_e4m3fnuz), a layout other than
+        strided (sparse COO goes through :func:`encode_sparse`), or a meta tensor
+        (it has no data).
     """
     if not isinstance(tensor, torch.Tensor):
         tensor = _from_numpy(tensor)
     if tensor.layout != torch.strided:
-        raise CodecError(f"only dense (strided) tensors can be sent, got layout {tensor.layout}")
+        raise CodecError(f"a {tensor.layout} tensor cannot be sent here; expected a dense (strided) tensor")
+    if tensor.is_meta:
+        raise CodecError(f"a meta tensor (shape {_shape_text(tensor.shape)}) has no data to send")
     wire = DTYPE_TO_WIRE.get(tensor.dtype)
     if wire is None:
-        raise CodecError(f"dtype {tensor.dtype} cannot be sent; supported: {', '.join(map(_dtype_name, DTYPE_TO_WIRE))}")
+        raise CodecError(
+            f"dtype {_dtype_name(tensor.dtype)} cannot be sent; supported: {', '.join(map(_dtype_name, DTYPE_TO_WIRE))}"
+        )
     if requires_grad is None:
         requires_grad = tensor.requires_grad
     raw = wire_bytes(tensor)
@@ -220,24 +244,109 @@ def encode_tensor(tensor: Any, *, requires_grad: bool | None = None, payloads: l
     return msg
 
 
-def _from_numpy(array: Any) -> torch.Tensor:
-    import numpy as np  # only when a numpy array is actually sent
+def encode_sparse(
+    tensor: torch.Tensor, *, requires_grad: bool | None = None, payloads: list[torch.Tensor] | None = None
+) -> pb.SparseTensor:
+    """Encode a sparse COO tensor as its indices and values, as stored (not coalesced).
 
-    if not isinstance(array, np.ndarray):
-        raise CodecError(f"expected a torch.Tensor or numpy.ndarray, got {type(array).__name__}")
-    return torch.from_numpy(np.ascontiguousarray(array))
-
-
-def encode_value(value: Any, *, payloads: list[torch.Tensor] | None = None) -> pb.Value:
-    """Encode one positional argument: a tensor (or numpy array), bool, int, float, str or None.
-
-    ``payloads`` is passed to :func:`encode_tensor`.
+    ``requires_grad`` and ``payloads`` as :func:`encode_tensor` (indices, then values).
 
     Raises
     ------
     CodecError
-        Another type, or an int outside signed 64-bit.
+        A layout other than sparse COO, or values of an unsupported dtype.
     """
+    if tensor.layout != torch.sparse_coo:
+        raise CodecError(f"expected a sparse COO tensor, got layout {tensor.layout}")
+    return pb.SparseTensor(
+        shape=tensor.shape,
+        indices=encode_tensor(tensor._indices(), requires_grad=False, payloads=payloads),
+        values=encode_tensor(tensor._values(), requires_grad=False, payloads=payloads),
+        requires_grad=tensor.requires_grad if requires_grad is None else requires_grad,
+    )
+
+
+def decode_sparse(
+    msg: pb.SparseTensor, *, max_bytes: int | None = None, what: str = "tensor", payloads: Iterator[torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Decode a ``gradserve.v1.SparseTensor`` into a CPU sparse COO tensor; ``requires_grad`` is not applied.
+
+    Raises
+    ------
+    CodecError
+        Indices that are not int64 of shape [sparse_dim, nnz], values whose shape does
+        not match, or an index outside ``shape`` (torch's own invariant check), and
+        what :func:`decode_tensor` raises.
+    TensorTooLarge
+        Indices and values together over ``max_bytes``.
+    """
+    if len(msg.shape) > MAX_DIMS:
+        raise CodecError(f"{what}: sparse tensor has {len(msg.shape)} dimensions; at most {MAX_DIMS} are accepted")
+    size = tensor_nbytes(msg.indices, what=f"{what} indices") + tensor_nbytes(msg.values, what=f"{what} values")
+    if max_bytes is not None and size > max_bytes:
+        raise TensorTooLarge(f"{what}: sparse tensor's indices and values are {size} bytes, over the limit of {max_bytes} bytes")
+    indices = decode_tensor(msg.indices, what=f"{what} indices", payloads=payloads)
+    values = decode_tensor(msg.values, what=f"{what} values", payloads=payloads)
+    shape = list(msg.shape)
+    if indices.dtype != torch.int64 or indices.dim() != 2 or indices.shape[1] != values.shape[:1].numel() * (values.dim() > 0):
+        raise CodecError(
+            f"{what}: sparse indices must be int64 of shape [sparse_dim, nnz] with nnz = values.shape[0]; "
+            f"got {_dtype_name(indices.dtype)} {list(indices.shape)} and values {list(values.shape)}"
+        )
+    if (
+        any(d < 0 for d in shape)
+        or indices.shape[0] + values.dim() - 1 != len(shape)
+        or list(values.shape[1:]) != shape[indices.shape[0] :]
+    ):
+        raise CodecError(
+            f"{what}: sparse tensor of shape {_shape_text(shape)} does not match indices {list(indices.shape)} "
+            f"and values {list(values.shape)}"
+        )
+    try:
+        return torch.sparse_coo_tensor(indices, values, shape, check_invariants=True)
+    except RuntimeError as exc:
+        raise CodecError(f"{what}: invalid sparse tensor: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _from_numpy(array: Any) -> torch.Tensor:
+    if not isinstance(array, np.ndarray):
+        raise CodecError(f"expected a torch.Tensor or numpy.ndarray, got {type(array).__name__}")
+    if array.dtype.hasobject or array.dtype.kind not in "biufc":
+        raise CodecError(f"a numpy array of dtype {array.dtype} cannot be sent; expected a bool, integer, float or complex array")
+    if not array.dtype.isnative:  # big-endian data ('>f4'): torch takes native byte order only
+        array = array.astype(array.dtype.newbyteorder("="))
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _numpy_scalar(value: Any) -> Any:
+    """A numpy scalar (np.float32(2.0), np.int64(3), np.bool_) as the Python scalar or 0-dim tensor it stands for."""
+    item = value.item()
+    if isinstance(item, (bool, int, float)):
+        return item
+    if isinstance(item, complex):
+        return torch.tensor(item, dtype=torch.complex64 if value.dtype.itemsize == 8 else torch.complex128)
+    raise CodecError(f"a numpy scalar of dtype {value.dtype} cannot be sent; expected bool, integer, float or complex")
+
+
+def encode_value(value: Any, *, requires_grad: bool | None = None, payloads: list[torch.Tensor] | None = None) -> pb.Value:
+    """Encode one argument: a tensor (dense or sparse COO), numpy array or scalar, bool, int, float, str or None.
+
+    ``requires_grad`` (tensors only; default: the tensor's own flag) and ``payloads``
+    are passed to :func:`encode_tensor`. A numpy scalar travels as the Python scalar
+    it holds.
+
+    Raises
+    ------
+    CodecError
+        Another type, a numpy array of object or string dtype, or an int outside
+        signed 64-bit.
+    """
+    if isinstance(value, np.generic):
+        value = _numpy_scalar(value)
+    if isinstance(value, torch.Tensor) and value.layout == torch.sparse_coo:
+        return pb.Value(sparse_tensor=encode_sparse(value, requires_grad=requires_grad, payloads=payloads))
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return pb.Value(tensor=encode_tensor(value, requires_grad=requires_grad, payloads=payloads))
     if isinstance(value, bool):  # before int: bool is an int subclass
         return pb.Value(bool_value=value)
     if isinstance(value, int):
@@ -250,8 +359,6 @@ def encode_value(value: Any, *, payloads: list[torch.Tensor] | None = None) -> p
         return pb.Value(string_value=value)
     if value is None:
         return pb.Value(null_value=struct_pb2.NULL_VALUE)
-    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
-        return pb.Value(tensor=encode_tensor(value, payloads=payloads))
     raise CodecError(f"arguments must be tensors, numpy arrays, bool, int, float, str or None; got {type(value).__name__}")
 
 
@@ -274,9 +381,12 @@ def decode_value(
         point or complex, and what :func:`decode_tensor` raises.
     """
     kind = msg.WhichOneof("kind")
-    if kind == "tensor":
-        tensor = decode_tensor(msg.tensor, max_bytes=max_tensor_bytes, what=what, payloads=payloads)
-        if msg.tensor.requires_grad:
+    if kind in ("tensor", "sparse_tensor"):
+        if kind == "tensor":
+            tensor = decode_tensor(msg.tensor, max_bytes=max_tensor_bytes, what=what, payloads=payloads)
+        else:
+            tensor = decode_sparse(msg.sparse_tensor, max_bytes=max_tensor_bytes, what=what, payloads=payloads)
+        if getattr(msg, kind).requires_grad:
             if not (tensor.is_floating_point() or tensor.is_complex()):
                 raise CodecError(
                     f"{what}: requires_grad is set on a tensor of dtype {_dtype_name(tensor.dtype)}; "
@@ -291,11 +401,19 @@ def decode_value(
     return getattr(msg, kind)
 
 
-def encode_maybe_tensor(tensor: torch.Tensor | None, *, payloads: list[torch.Tensor] | None = None) -> pb.MaybeTensor:
-    """Encode a gradient or grad_output; ``None`` becomes the explicit ``none``, never zeros."""
+def encode_maybe_tensor(
+    tensor: torch.Tensor | None, *, requires_grad: bool = False, payloads: list[torch.Tensor] | None = None
+) -> pb.MaybeTensor:
+    """Encode a gradient or grad_output; ``None`` becomes the explicit ``none``, never zeros.
+
+    A sparse COO tensor travels sparse. ``requires_grad`` sets the message's flag
+    (for gradients: differentiable again; for cotangents: a leaf of a kept graph).
+    """
     if tensor is None:
         return pb.MaybeTensor(none=struct_pb2.NULL_VALUE)
-    return pb.MaybeTensor(tensor=encode_tensor(tensor, requires_grad=False, payloads=payloads))
+    if tensor.layout == torch.sparse_coo:
+        return pb.MaybeTensor(sparse=encode_sparse(tensor, requires_grad=requires_grad, payloads=payloads))
+    return pb.MaybeTensor(tensor=encode_tensor(tensor, requires_grad=requires_grad, payloads=payloads))
 
 
 def decode_maybe_tensor(
@@ -305,13 +423,16 @@ def decode_maybe_tensor(
     what: str = "tensor",
     payloads: Iterator[torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
-    """Decode a ``MaybeTensor``: a CPU tensor, or ``None`` for ``none``.
+    """Decode a ``MaybeTensor``: a CPU tensor (dense or sparse COO), or ``None`` for ``none``.
 
-    Raises :class:`CodecError` when neither is set, and what :func:`decode_tensor` raises.
+    The message's ``requires_grad`` is not applied. Raises :class:`CodecError` when
+    nothing is set, and what :func:`decode_tensor` / :func:`decode_sparse` raise.
     """
     kind = msg.WhichOneof("kind")
     if kind == "tensor":
         return decode_tensor(msg.tensor, max_bytes=max_bytes, what=what, payloads=payloads)
+    if kind == "sparse":
+        return decode_sparse(msg.sparse, max_bytes=max_bytes, what=what, payloads=payloads)
     if kind == "none":
         return None
-    raise CodecError(f"{what}: empty MaybeTensor; expected a tensor or none")
+    raise CodecError(f"{what}: empty MaybeTensor; expected a tensor, a sparse tensor or none")

@@ -7,10 +7,9 @@
    ``cube_plus_square`` (one gradient for two inputs) gets a clear error, never a wrong
    gradient.
 2. :func:`check_function` runs ``torch.autograd.gradcheck`` (and ``gradgradcheck`` where
-   the Function declares double-backward support) in float64 on sample inputs, and
-   reports the largest absolute difference between the numerical (central difference)
-   and analytical Jacobians. float64 because float32 finite differences raise false
-   alarms.
+   the backward may be differentiated) in float64 on sample inputs, and in complex128
+   for Functions that declare complex support, and reports gradcheck's own message
+   on failure. float64 because float32 finite differences raise false alarms.
 """
 
 from __future__ import annotations
@@ -20,11 +19,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.autograd.gradcheck import GradcheckError
 
 if TYPE_CHECKING:
     from ._registry import RegisteredFunction
 
-__all__ = ["BackwardContractError", "CheckResult", "check_function", "contract_checked", "default_sample_inputs", "format_table"]
+__all__ = [
+    "BackwardContractError",
+    "CheckResult",
+    "check_function",
+    "complex_sample",
+    "contract_checked",
+    "default_sample_inputs",
+    "format_table",
+]
 
 _META = "_gradserve_input_meta"
 
@@ -47,6 +55,9 @@ def _input_meta(inputs: Sequence[Any]) -> tuple[tuple[tuple[int, ...], torch.dty
 
 def _check_grads(name: str, meta: Sequence[Any], grads: Any) -> tuple[Any, ...]:
     grads = grads if isinstance(grads, tuple) else (grads,)
+    if len(grads) > len(meta) and all(g is None for g in grads[len(meta) :]):
+        # As torch does: trailing Nones for parameters the call left to their defaults.
+        grads = grads[: len(meta)]
     if len(grads) != len(meta):
         raise BackwardContractError(
             f"{name} backward returned {_plural(len(grads), 'gradient')} for {_plural(len(meta), 'input')}; "
@@ -130,17 +141,14 @@ class CheckResult:
     name : str
     first_order, second_order : str
         ``"pass"``, ``"fail"`` or ``"skip"``.
-    first_error, second_error : float or None
-        Largest |numerical - analytical| Jacobian entry, where computed.
     detail : str
-        Why it failed or was skipped; empty on success.
+        Why it failed or was skipped, in gradcheck's own words (which Jacobian
+        entry, numerical against analytical); empty on success.
     """
 
     name: str
     first_order: str
-    first_error: float | None
     second_order: str
-    second_error: float | None
     detail: str = ""
 
     @property
@@ -158,111 +166,73 @@ def default_sample_inputs(num_inputs: int) -> tuple[torch.Tensor, ...]:
     return tuple((torch.rand(3, 4, dtype=torch.float64, generator=g) + 0.5).requires_grad_() for _ in range(num_inputs))
 
 
-def _differentiable(values: Any) -> list[torch.Tensor]:
-    values = values if isinstance(values, tuple) else (values,)
-    return [v for v in values if isinstance(v, torch.Tensor) and v.requires_grad]
-
-
-def _flat_float_outputs(fn: Callable[..., Any], inputs: tuple[Any, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """All floating outputs of ``fn(*inputs)`` flattened into one vector, and the outputs themselves."""
-    out = fn(*inputs)
-    outs = [o for o in (out if isinstance(out, tuple) else (out,)) if isinstance(o, torch.Tensor) and o.is_floating_point()]
-    flat = torch.cat([o.reshape(-1) for o in outs]) if outs else torch.zeros(0, dtype=torch.float64)
-    return flat, outs
-
-
-@dataclass(frozen=True)
-class _JacobianError:
-    error: float  # max |numerical - analytical|
-    numerical: float  # at the worst entry
-    analytical: float
-
-    def __str__(self) -> str:
-        return f"worst Jacobian entry: numerical {self.numerical:.6g} vs analytical {self.analytical:.6g}"
-
-
-def _max_jacobian_error(fn: Callable[..., Any], inputs: tuple[Any, ...], eps: float = 1e-6) -> _JacobianError:
-    """max |J_numerical - J_analytical|: central differences against reverse mode, entry by entry."""
-    wrt = [a for a in inputs if isinstance(a, torch.Tensor) and a.requires_grad]
-    with torch.enable_grad():
-        flat_out, _ = _flat_float_outputs(fn, inputs)
-    # Analytical Jacobian first, row by row: perturbing the inputs below would invalidate the graph.
-    analytical = torch.zeros(flat_out.numel(), sum(w.numel() for w in wrt), dtype=torch.float64)
-    for k in range(flat_out.numel()):
-        if not flat_out.requires_grad:
-            break
-        rows = torch.autograd.grad(flat_out[k], wrt, retain_graph=True, allow_unused=True)
-        analytical[k] = torch.cat(
-            [(torch.zeros_like(w) if r is None else r).reshape(-1).to(torch.float64) for w, r in zip(wrt, rows)]
-        )
-    numerical = torch.zeros_like(analytical)
-    column = 0
-    for w in wrt:
-        flat_in = w.detach().view(-1)
-        for j in range(flat_in.numel()):
-            original = flat_in[j].item()
-            values = []
-            for delta in (eps, -eps):
-                with torch.no_grad():
-                    flat_in[j] = original + delta
-                # Grad stays enabled: fn may itself differentiate (the second-order check).
-                values.append(_flat_float_outputs(fn, inputs)[0].detach())
-            with torch.no_grad():
-                flat_in[j] = original
-            numerical[:, column] = (values[0] - values[1]).to(torch.float64) / (2 * eps)
-            column += 1
-    if not numerical.numel():
-        return _JacobianError(0.0, 0.0, 0.0)
-    diff = (numerical - analytical).abs().reshape(-1)
-    worst = int(diff.argmax())
-    return _JacobianError(float(diff[worst]), float(numerical.reshape(-1)[worst]), float(analytical.reshape(-1)[worst]))
-
-
-def check_function(entry: RegisteredFunction) -> CheckResult:
-    """gradcheck (and gradgradcheck where declared) on ``entry``'s sample inputs, in float64.
-
-    Never raises for a misbehaving Function: failures come back in the result.
-    """
-    if not entry.gradcheck:
-        return CheckResult(entry.name, "skip", None, "skip", None, entry.skip_reason or "declared gradcheck=False")
-    try:
-        inputs = entry.sample_inputs() if entry.sample_inputs else default_sample_inputs(entry.num_inputs or 1)
-        inputs = tuple(inputs)
-        first_ok = torch.autograd.gradcheck(entry.apply, inputs, raise_exception=False)
-        first = _max_jacobian_error(entry.apply, inputs)
-    except Exception as exc:  # noqa: BLE001 - a broken Function is a failed check, not a crash
-        return CheckResult(entry.name, "fail", None, "skip", None, f"{type(exc).__name__}: {exc}")
-    first_verdict = "pass" if first_ok else "fail"
-    first_detail = "" if first_ok else f"first order: {first}"
-    if not entry.double_backward:
-        return CheckResult(entry.name, first_verdict, first.error, "skip", None, first_detail)
-    try:
-        # Ones as cotangents, so the reported error is that of d/dx of the plain gradient.
-        cotangents = [torch.ones_like(o) for o in _differentiable(entry.apply(*inputs))]
-        second_ok = torch.autograd.gradgradcheck(entry.apply, inputs, raise_exception=False)
-
-        def vjp(*args: Any) -> tuple[torch.Tensor, ...]:
-            out = _differentiable(entry.apply(*args))
-            wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-            grads = torch.autograd.grad(out, wrt, cotangents, create_graph=True, allow_unused=True)
-            return tuple(gr if gr is not None else torch.zeros_like(w).requires_grad_() for gr, w in zip(grads, wrt))
-
-        second = _max_jacobian_error(vjp, inputs)
-    except Exception as exc:  # noqa: BLE001
-        return CheckResult(entry.name, first_verdict, first.error, "fail", None, f"second order: {type(exc).__name__}: {exc}")
-    details = [first_detail, "" if second_ok else f"second order: {second}"]
-    return CheckResult(
-        entry.name, first_verdict, first.error, "pass" if second_ok else "fail", second.error, "; ".join(d for d in details if d)
+def complex_sample(inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """float64 sample inputs as complex128 ones: x + i*(x/2 + 0.25), so both parts vary."""
+    return tuple(
+        torch.complex(a.detach(), a.detach() / 2 + 0.25).requires_grad_(a.requires_grad)
+        if isinstance(a, torch.Tensor) and a.dtype == torch.float64
+        else a
+        for a in inputs
     )
 
 
+def _verdict(check: Callable[..., bool], fn: Callable[..., Any], inputs: tuple[Any, ...], label: str) -> str:
+    """'' when ``check`` (torch's gradcheck or gradgradcheck) passes, else its own message, on one line."""
+    try:
+        check(fn, inputs, raise_exception=True)
+    except GradcheckError as exc:
+        text = " ".join(str(exc).split())
+        return f"{label}: {text[:400]}"
+    return ""
+
+
+def _seeded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with the random generators reseeded before every call (restored after), so a
+    Function that draws random numbers (dropout) is checked on fixed draws, as the server
+    replays them on a recompute."""
+
+    def call(*args: Any) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(0)
+            return fn(*args)
+
+    return call
+
+
+def check_function(entry: RegisteredFunction) -> CheckResult:
+    """torch's gradcheck, and gradgradcheck where the backward may be differentiated, in float64.
+
+    Functions registered with ``supports_complex=True`` are checked on complex128
+    inputs too (gradcheck then checks PyTorch's conjugate Wirtinger convention). The
+    failure detail is gradcheck's own message. Never raises for a misbehaving
+    Function: failures come back in the result.
+    """
+    if not entry.gradcheck:
+        return CheckResult(entry.name, "skip", "skip", entry.skip_reason or "declared gradcheck=False")
+    samples: list[tuple[str, tuple[Any, ...]]] = []
+    apply = _seeded(entry.apply)
+    try:
+        inputs = tuple(entry.sample_inputs() if entry.sample_inputs else default_sample_inputs(entry.required_inputs or 1))
+        samples.append(("float64", inputs))
+        if entry.supports_complex:
+            samples.append(("complex128", complex_sample(inputs)))
+        first = [_verdict(torch.autograd.gradcheck, apply, sample, f"first order ({kind})") for kind, sample in samples]
+    except Exception as exc:  # noqa: BLE001 - a broken Function is a failed check, not a crash
+        return CheckResult(entry.name, "fail", "skip", f"{type(exc).__name__}: {exc}")
+    first_verdict = "fail" if any(first) else "pass"
+    if not entry.differentiable_backward:
+        return CheckResult(entry.name, first_verdict, "skip", "; ".join(d for d in first if d))
+    try:
+        second = [_verdict(torch.autograd.gradgradcheck, apply, sample, f"second order ({kind})") for kind, sample in samples]
+    except Exception as exc:  # noqa: BLE001
+        second = [f"second order: {type(exc).__name__}: {exc}"]
+    details = "; ".join(d for d in [*first, *second] if d)
+    return CheckResult(entry.name, first_verdict, "fail" if any(second) else "pass", details)
+
+
 def format_table(results: Sequence[CheckResult]) -> str:
-    """A plain-text table: function, first order (result, max abs error), second order, detail."""
-
-    def cell(result: str, err: float | None) -> str:
-        return result if err is None else f"{result} ({err:.2e})"
-
-    rows = [("function", "first order (max abs err)", "second order (max abs err)", "detail")]
-    rows += [(r.name, cell(r.first_order, r.first_error), cell(r.second_order, r.second_error), r.detail) for r in results]
+    """A plain-text table: function, first order, second order, detail."""
+    rows = [("function", "first order", "second order", "detail")]
+    rows += [(r.name, r.first_order, r.second_order, r.detail) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in rows)

@@ -188,9 +188,9 @@ def _health(args: argparse.Namespace) -> int:
 
 def _list(client: Any) -> int:
     for f in client.list_functions():
-        arity = "*" if f.num_inputs is None else str(f.num_inputs)
         status = f"  [unavailable: {f.unavailable_reason}]" if f.unavailable_reason else ""
-        print(f"{f.name:<24} inputs={arity:<3} {f.kind:<18} {f.doc}{status}")
+        order = "2nd order" if f.double_backward else "1st order"
+        print(f"{f.name + f.signature:<40} {f.kind:<18} {order:<9}  {f.doc}{status}")
     return 0
 
 

@@ -18,6 +18,8 @@ __all__ = [
     "NonFinite",
     "ResourceExhausted",
     "VersionMismatch",
+    "DoubleBackwardUnsupported",
+    "RngMismatch",
 ]
 
 
@@ -80,3 +82,15 @@ class VersionMismatch(GradServeServerError):
     """A backward names another version of the Function than the one served now."""
 
     code, reason = "FAILED_PRECONDITION", "VERSION_MISMATCH"
+
+
+class DoubleBackwardUnsupported(GradServeServerError):
+    """A create_graph backward of a Function class not registered with ``double_backward=True``."""
+
+    code, reason = "FAILED_PRECONDITION", "DOUBLE_BACKWARD_UNSUPPORTED"
+
+
+class RngMismatch(GradServeServerError):
+    """A recompute must replay randomness drawn on another device type or torch version."""
+
+    code, reason = "FAILED_PRECONDITION", "RNG_MISMATCH"

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from gradserve.client import codec
+
 from ._errors import HandleNotFound
 from ._registry import RegisteredFunction
 
@@ -23,22 +25,27 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Graph:
-    """One kept forward: the device arguments (leaves) and outputs that hold the autograd graph.
+    """One kept graph: its inputs (leaves on the device) and the outputs that hold the autograd graph.
 
-    ``nbytes`` counts the tensors of the arguments and outputs, in bytes: a lower bound
-    of what the graph holds (tensors a Function saves internally are not visible).
+    For a forward (``order`` 0) the inputs are the arguments, positional then keyword,
+    and the outputs the Function's. For a backward of order k kept for the next order
+    (``create_graph=True``), the inputs are those of order k-1 followed by its
+    cotangents, and the outputs are the gradients (None where there is none).
+
+    ``nbytes`` counts the tensors of the inputs and outputs, in bytes: a lower bound of
+    what the graph holds (tensors a Function saves internally are not visible).
     """
 
     function: RegisteredFunction
-    args: list[Any]
-    outputs: tuple[torch.Tensor, ...]
+    inputs: list[Any]
+    outputs: tuple[torch.Tensor | None, ...]
+    order: int = 0
     nbytes: int = field(init=False)
     expires_at: float = 0.0
     owner: str = ""
 
     def __post_init__(self) -> None:
-        tensors = [a for a in self.args if isinstance(a, torch.Tensor)] + list(self.outputs)
-        self.nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        self.nbytes = sum(codec.nbytes(t) for t in [*self.inputs, *self.outputs])
 
 
 class HandleStore:

@@ -8,7 +8,7 @@ import importlib.util
 import inspect
 import logging
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -26,6 +26,9 @@ DEFAULT_MODULE = "gradserve.server.examples"
 ENTRY_POINT_GROUP = "gradserve.functions"
 
 F = TypeVar("F")
+
+# Every @once_differentiable backward is the same wrapper function (functools.wraps hides its name).
+_ONCE_DIFFERENTIABLE_CODE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__
 
 
 class RegistrationError(ValueError):
@@ -48,7 +51,12 @@ class RegisteredFunction:
     kind
         ``"autograd.Function"`` or ``"callable"``.
     num_inputs
-        Positional argument count of forward, or ``None`` when it takes ``*args``.
+        Most positional arguments forward takes, or ``None`` when it takes ``*args``.
+    required_inputs
+        Arguments without a default: a call must give at least these.
+    signature
+        forward's parameters as Python writes them, without ``ctx`` and annotations:
+        ``"(x, k=3.0)"``.
     doc
         First paragraph of the docstring.
     version
@@ -57,7 +65,12 @@ class RegisteredFunction:
         Callable returning a tuple of float64 arguments for ``gradserve check``; None
         means the elementwise default (see ``_checks.default_sample_inputs``).
     double_backward
-        Whether the Function supports double backward (gradgradcheck is run).
+        Whether the Function's backward may itself be differentiated
+        (``create_graph=True``); gradgradcheck is run. Plain callables always may
+        (autograd derives their backward).
+    supports_complex
+        Whether the Function accepts complex inputs; ``gradserve check`` then also runs
+        gradcheck on complex128 inputs (PyTorch's conjugate Wirtinger convention).
     gradcheck
         False for Functions whose gradient is deliberately not the derivative (a
         straight-through estimator, say); ``skip_reason`` says why.
@@ -72,8 +85,55 @@ class RegisteredFunction:
     version: str
     sample_inputs: Callable[[], tuple[Any, ...]] | None = field(default=None, repr=False)
     double_backward: bool = False
+    supports_complex: bool = False
     gradcheck: bool = True
     skip_reason: str = ""
+    required_inputs: int = 0
+    signature: str = ""
+    _signature: inspect.Signature | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def once_differentiable(self) -> bool:
+        """Whether the Function class's backward is decorated ``@once_differentiable``."""
+        backward = getattr(self.target, "backward", None) if self.kind == "autograd.Function" else None
+        return getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE
+
+    @property
+    def differentiable_backward(self) -> bool:
+        """Whether a backward may be run with ``create_graph=True``: a plain callable, or a
+        Function class registered with ``double_backward=True`` whose backward is not
+        ``@once_differentiable``."""
+        return self.kind == "callable" or (self.double_backward and not self.once_differentiable)
+
+    def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Check arguments against forward's signature, as Python would; returns what to call ``apply`` with.
+
+        A Function class takes positional arguments only (``Function.apply``), so its
+        keyword arguments are moved into their positions, defaults filling any gap.
+        Omitted trailing defaults stay omitted, as in a local ``apply(x)``.
+
+        Raises
+        ------
+        TypeError
+            Too many or too few arguments, an unknown or repeated keyword; the message
+            names the Function and its signature.
+        """
+        if self._signature is None:
+            return tuple(args), dict(kwargs)
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            most = "any number of" if self.num_inputs is None else str(self.num_inputs)
+            counts = most if self.required_inputs == self.num_inputs else f"{self.required_inputs} to {most}"
+            noun = "argument" if counts == "1" else "arguments"
+            given = f"{len(args)}" + (f" positional and {len(kwargs)} keyword" if kwargs else "")
+            raise TypeError(
+                f"{self.name} takes {counts} {noun}, got {given}: {exc}; signature {self.name}{self.signature}"
+            ) from None
+        if self.kind == "autograd.Function" and kwargs:
+            bound.apply_defaults()
+            return tuple(bound.args), {}
+        return tuple(args), dict(kwargs)
 
     @property
     def origin(self) -> str:
@@ -85,19 +145,29 @@ def _is_function_class(obj: Any) -> bool:
     return isinstance(obj, type) and issubclass(obj, torch.autograd.Function)
 
 
-def _num_inputs(obj: Any) -> int | None:
-    """Positional parameters of forward (without ``ctx``), or None for ``*args``."""
+def _signature(obj: Any) -> inspect.Signature | None:
+    """forward's signature without ``ctx`` and annotations, or None where Python cannot tell it."""
     fn = obj.forward if _is_function_class(obj) else obj
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         return None
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        return None
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     # Old-style forward(ctx, ...) takes ctx first; with a setup_context override it does not.
-    uses_ctx = _is_function_class(obj) and obj.setup_context is torch.autograd.Function.setup_context
-    return len(positional) - (1 if uses_ctx else 0)
+    if _is_function_class(obj) and obj.setup_context is torch.autograd.Function.setup_context:
+        params = params[1:]
+    empty = inspect.Parameter.empty
+    return inspect.Signature([p.replace(annotation=empty) for p in params])
+
+
+def _arity(sig: inspect.Signature | None) -> tuple[int | None, int]:
+    """(most positional arguments or None for ``*args``, arguments without a default)."""
+    if sig is None:
+        return None, 0
+    params = list(sig.parameters.values())
+    required = sum(p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None, required
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params), required
 
 
 def _version(obj: Any) -> str:
@@ -128,8 +198,8 @@ class Registry:
         name
             Name callers use; defaults to the object's ``__name__``.
         **options
-            ``version``, ``sample_inputs``, ``double_backward``, ``gradcheck``,
-            ``skip_reason``: see :class:`RegisteredFunction`.
+            ``version``, ``sample_inputs``, ``double_backward``, ``supports_complex``,
+            ``gradcheck``, ``skip_reason``: see :class:`RegisteredFunction`.
 
         Raises
         ------
@@ -157,12 +227,17 @@ class Registry:
             kind, apply = "callable", obj
         else:
             raise RegistrationError(f"cannot register {obj!r}: expected a torch.autograd.Function subclass or a callable")
+        sig = _signature(obj)
+        num_inputs, required = _arity(sig)
         entry = RegisteredFunction(
             name=name,
             target=obj,
             apply=apply,
             kind=kind,
-            num_inputs=_num_inputs(obj),
+            num_inputs=num_inputs,
+            required_inputs=required,
+            signature=str(sig) if sig is not None else "(...)",
+            _signature=sig,
             doc=_first_paragraph(obj),
             version=version or _version(obj),
             **options,
@@ -207,8 +282,8 @@ def register(name: str | None = None, **options: Any) -> Callable[[F], F]:
 
     Parameters and errors are those of :meth:`Registry.register`; a duplicate name is an
     error when the second module is imported (at server load time). ``options``:
-    ``version``, ``sample_inputs``, ``double_backward``, ``gradcheck``, ``skip_reason``
-    (see :class:`RegisteredFunction`).
+    ``version``, ``sample_inputs``, ``double_backward``, ``supports_complex``,
+    ``gradcheck``, ``skip_reason`` (see :class:`RegisteredFunction`).
     """
     return registry.register(name, **options)
 

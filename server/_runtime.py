@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,18 +21,20 @@ import torch
 from ._checks import BackwardContractError
 from ._errors import (
     Abandoned,
+    DoubleBackwardUnsupported,
     FunctionError,
     FunctionNotFound,
     FunctionUnavailable,
     InvalidArgument,
     NonFinite,
     ResourceExhausted,
+    RngMismatch,
     VersionMismatch,
 )
 from ._handles import Graph, HandleStore
 from ._registry import RegisteredFunction, Registry
 
-__all__ = ["ForwardResult", "Runtime", "resolve_device"]
+__all__ = ["BackwardResult", "ForwardResult", "RngReplay", "Runtime", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,28 @@ def resolve_device(spec: str) -> torch.device:
 
 
 @dataclass(frozen=True)
+class RngReplay:
+    """How to replay a forward's randomness on a recompute (``gradserve.v1.RngReplay``).
+
+    Attributes
+    ----------
+    seed
+        Seed every random generator (CPU and the runtime's device) had when the
+        forward started.
+    device_type
+        ``"cpu"`` or ``"cuda"``: the same seed gives the same numbers only on the
+        same kind of generator.
+    torch_version
+        ``torch.__version__`` of the server that ran the forward; kernels may draw
+        differently across versions.
+    """
+
+    seed: int
+    device_type: str
+    torch_version: str
+
+
+@dataclass(frozen=True)
 class ForwardResult:
     """What a forward gives back.
 
@@ -88,6 +113,8 @@ class ForwardResult:
         Version of the Function that ran.
     handle
         Key of the kept graph, or ``None``.
+    rng
+        Set when the forward drew random numbers: send it with a recompute.
     """
 
     outputs: tuple[torch.Tensor, ...]
@@ -95,7 +122,38 @@ class ForwardResult:
     differentiable: tuple[bool, ...]
     version: str
     handle: str | None = None
+    rng: RngReplay | None = None
     pending: Graph | None = dataclasses.field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class BackwardResult:
+    """What a backward gives back.
+
+    Attributes
+    ----------
+    grads
+        One entry per input of the graph (positional arguments, keyword arguments,
+        then the lower-order cotangents for orders >= 2): the gradient on the
+        device, or None where the input is not a tensor requiring grad or got none.
+        With ``keep_graph``, a gradient's ``requires_grad`` tells whether it can be
+        differentiated again.
+    handle
+        With ``keep_graph``: key of the graph of these gradients, for a backward of
+        the next order; None when no gradient is differentiable.
+    """
+
+    grads: list[torch.Tensor | None]
+    handle: str | None = None
+
+
+@dataclass
+class _Chain:
+    """The graph a backward differentiates: its inputs (flat, leaves on the device) and outputs."""
+
+    inputs: list[Any]
+    outputs: tuple[torch.Tensor | None, ...]
+    order: int  # 0: a forward's graph; k: the gradients of order k
 
 
 class Runtime:
@@ -119,6 +177,21 @@ class Runtime:
     has gone (deadline passed, cancelled): the work is then abandoned at the next step
     boundary with :class:`Abandoned`, and no graph is kept. Python cannot interrupt a
     Function midway, so a step that has started runs to its end.
+
+    Exactness, as local autograd:
+
+    - Grad mode in forward is on unless the caller asks otherwise, as in PyTorch, so a
+      Function may differentiate inside its forward.
+    - Randomness: every forward runs with the random generators (CPU and the device)
+      seeded from a seed drawn from the global generator, inside
+      ``torch.random.fork_rng``, one forward at a time (the generators are
+      process-wide). When the forward drew numbers, the seed is returned
+      (:class:`RngReplay`) and a recompute replays it, as ``torch.utils.checkpoint``'s
+      ``preserve_rng_state``. Randomness drawn in a backward is not replayed (it is
+      not part of the forward's result).
+    - Higher order: a backward with ``keep_graph`` runs with ``create_graph=True`` and
+      keeps the graph of its gradients, for a backward of the next order, by handle
+      or by recompute (``lower_order``).
     """
 
     def __init__(
@@ -137,6 +210,7 @@ class Runtime:
         self.handles = HandleStore(max_handles, max_handle_bytes, handle_ttl_s)
         self.check_finite = check_finite
         self.unavailable = dict(unavailable or {})
+        self._rng_lock = threading.Lock()
 
     # -- public operations -------------------------------------------------------------
 
@@ -155,8 +229,10 @@ class Runtime:
         self,
         name: str,
         args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None = None,
         *,
         keep_graph: bool = False,
+        grad_enabled: bool = True,
         is_active: Callable[[], bool] = _always,
         owner: str = "",
         defer_keep: bool = False,
@@ -167,11 +243,13 @@ class Runtime:
         ----------
         name
             Registered Function name.
-        args
-            Positional arguments: CPU tensors (``requires_grad`` as the caller wants
-            gradients) and Python scalars.
+        args, kwargs
+            Positional and keyword arguments: CPU tensors (``requires_grad`` as the
+            caller wants gradients) and Python scalars. Defaults fill what is left out.
         keep_graph
             Keep the graph and return a handle for :meth:`backward`.
+        grad_enabled
+            Grad mode during forward (the caller's ``torch.is_grad_enabled()``).
         owner
             The caller's identity; only the same owner can use or release the handle.
         defer_keep
@@ -185,12 +263,12 @@ class Runtime:
         ResourceExhausted, Abandoned
         """
         entry = self.function(name)
-        dev_args = self._prepare(entry, args)
-        outputs = self._run_forward(entry, dev_args, is_active)
-        result = self._result(entry, outputs)
+        inputs, call = self._prepare(entry, args, kwargs)
+        outputs, returns_tuple, rng = self._run_forward(entry, call, is_active, grad_enabled=grad_enabled)
+        result = self._result(entry, outputs, returns_tuple, rng)
         _ensure_active(is_active, entry, "keeping the graph")
         if keep_graph and any(result.differentiable):
-            graph = Graph(entry, dev_args, outputs[0])
+            graph = Graph(entry, inputs, outputs)
             if defer_keep:
                 handle = self.handles.new_handle() if self.handles.fits(graph) else None
                 return dataclasses.replace(result, handle=handle, pending=graph if handle else None)
@@ -208,44 +286,63 @@ class Runtime:
         *,
         handle: str | None = None,
         args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
         grad_outputs: Sequence[torch.Tensor | None] | None = None,
+        lower_order: Sequence[Sequence[torch.Tensor | None]] = (),
+        keep_graph: bool = False,
+        rng: RngReplay | None = None,
         version: str = "",
         is_active: Callable[[], bool] = _always,
         owner: str = "",
-    ) -> list[torch.Tensor | None]:
-        """Vector-Jacobian product of a forward's outputs with ``grad_outputs``.
+    ) -> BackwardResult:
+        """Vector-Jacobian product of a graph's outputs with ``grad_outputs``.
 
         The graph comes from ``handle`` (released once the backward succeeds; a failed
         backward leaves it for another try; only ``owner``, the identity that made it,
-        can use it) or is recomputed from ``args``; the gradients are identical either way.
+        can use it) or is recomputed from ``args`` and ``kwargs`` (randomness replayed
+        from ``rng``); the gradients are identical either way. A graph kept with
+        ``keep_graph`` belongs to ``owner`` too.
 
         Parameters
         ----------
         grad_outputs
-            One CPU tensor or None per output, shaped and typed like it; ``None`` (the
-            whole sequence) means ones for every differentiable output.
+            One CPU tensor or None per output of the graph, shaped and typed like it;
+            ``None`` (the whole sequence) means ones for every differentiable output.
+            A tensor that requires grad becomes a leaf of the kept graph.
+        lower_order
+            With a recompute, for a backward of order k >= 2: the cotangents of orders
+            1 .. k-1; the graph of order j-1 is rebuilt and differentiated with each.
+        keep_graph
+            Compute with ``create_graph=True`` and keep the gradients' graph
+            (:attr:`BackwardResult.handle`).
         version
             Version of the Function the forward ran; when given and different from
             the one served (or the one that made the handle), :class:`VersionMismatch`.
 
-        Returns
-        -------
-        list
-            One entry per argument: its gradient on the device, or None where the
-            argument is not a tensor requiring grad or the Function gave no gradient.
-
         Raises
         ------
-        HandleNotFound, and what :meth:`forward` raises
+        HandleNotFound, DoubleBackwardUnsupported, RngMismatch, and what :meth:`forward`
+        raises
         """
         if (handle is None) == (args is None):
             raise InvalidArgument("backward needs either a graph handle or the arguments to recompute, not both")
+        if handle is not None and (kwargs or lower_order or rng):
+            raise InvalidArgument("keyword arguments, lower_order and rng go with a recompute, not with a handle")
         entry = self.function(name)
         if version and version != entry.version:
             raise VersionMismatch(
                 f"{name}: the forward ran version {version[:64]}, this server serves version {entry.version}; "
                 "run the forward again"
             )
+        if keep_graph and not entry.differentiable_backward:
+            why = (
+                "its backward is marked @once_differentiable"
+                if entry.once_differentiable
+                else "it is not registered with double_backward=True, so its backward is not known to be differentiable. "
+                "Register it with @register(..., double_backward=True) once `gradserve check` passes its second order "
+                "(gradgradcheck)"
+            )
+            raise DoubleBackwardUnsupported(f"{name} cannot be differentiated twice (create_graph=True): {why}")
         if handle is not None:
             # Taken out of the store at once: of two backwards racing on one handle, the
             # second gets HandleNotFound (and recomputes), never a half-used graph.
@@ -253,21 +350,21 @@ class Runtime:
             try:
                 if graph.function.name != name:
                     raise InvalidArgument(f"handle belongs to function {graph.function.name!r}, not {name!r}")
-                cotangents = self._check_grad_outputs(graph.function, graph.outputs, grad_outputs)
+                cotangents = self._check_grad_outputs(graph.function, graph.outputs, grad_outputs, graph.order)
                 if graph.function.version != entry.version:  # the Function was re-registered since
                     raise VersionMismatch(
                         f"{name}: the handle's graph is of version {graph.function.version}, "
                         f"this server serves version {entry.version}; run the forward again"
                     )
+                chain = _Chain(graph.inputs, graph.outputs, graph.order)
                 # retain_graph: a backward that fails midway leaves the graph whole for another try.
-                return self._vjp(graph.function, graph.args, graph.outputs, cotangents, is_active, retain_graph=True)
+                return self._vjp(graph.function, chain, cotangents, keep_graph, is_active, owner, retain_graph=True)
             except BaseException:
                 self.handles.restore(handle, graph)  # only a successful backward releases the handle
                 raise
-        dev_args = self._prepare(entry, args or ())
-        outputs, _ = self._run_forward(entry, dev_args, is_active)
-        cotangents = self._check_grad_outputs(entry, outputs, grad_outputs)
-        return self._vjp(entry, dev_args, outputs, cotangents, is_active)
+        chain = self._recompute(entry, args or (), kwargs, rng, lower_order, is_active)
+        cotangents = self._check_grad_outputs(entry, chain.outputs, grad_outputs, chain.order)
+        return self._vjp(entry, chain, cotangents, keep_graph, is_active, owner)
 
     def forward_backward(
         self,
@@ -275,37 +372,94 @@ class Runtime:
         args: Sequence[Any],
         grad_outputs: Sequence[torch.Tensor | None] | None = None,
         is_active: Callable[[], bool] = _always,
+        kwargs: Mapping[str, Any] | None = None,
     ) -> tuple[ForwardResult, list[torch.Tensor | None]]:
-        """Forward, then backward on the same graph; nothing is kept. Errors as both."""
+        """Forward, then backward on the same graph; nothing is kept. Errors as both.
+
+        The gradients are aligned with the positional, then keyword arguments.
+        """
         entry = self.function(name)
-        dev_args = self._prepare(entry, args)
-        outputs = self._run_forward(entry, dev_args, is_active)
-        cotangents = self._check_grad_outputs(entry, outputs[0], grad_outputs)
-        return self._result(entry, outputs), self._vjp(entry, dev_args, outputs[0], cotangents, is_active)
+        inputs, call = self._prepare(entry, args, kwargs)
+        outputs, returns_tuple, rng = self._run_forward(entry, call, is_active)
+        cotangents = self._check_grad_outputs(entry, outputs, grad_outputs, 0)
+        grads = self._vjp(entry, _Chain(inputs, outputs, 0), cotangents, False, is_active).grads
+        return self._result(entry, outputs, returns_tuple, rng), grads
 
     # -- steps -------------------------------------------------------------------------
 
-    def _prepare(self, entry: RegisteredFunction, args: Sequence[Any]) -> list[Any]:
-        if entry.num_inputs is not None and len(args) != entry.num_inputs:
-            raise InvalidArgument(
-                f"{entry.name} takes {entry.num_inputs} argument{'s' * (entry.num_inputs != 1)}, got {len(args)}"
-            )
+    def _prepare(
+        self, entry: RegisteredFunction, args: Sequence[Any], kwargs: Mapping[str, Any] | None
+    ) -> tuple[list[Any], tuple[tuple[Any, ...], dict[str, Any]]]:
+        """Device leaves for the arguments: (flat inputs, (positional, keyword) to call ``apply`` with)."""
+        kwargs = dict(kwargs or {})
+        try:
+            entry.bind(args, kwargs)  # the caller's mistake, found before any tensor moves
+        except TypeError as exc:
+            raise InvalidArgument(str(exc)) from None
         # Each tensor crosses to the device once and becomes a leaf there.
-        return [a.detach().to(self.device).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+        dev_args = [self._to_device(a) for a in args]
+        dev_kwargs = {k: self._to_device(v) for k, v in kwargs.items()}
+        return [*dev_args, *dev_kwargs.values()], entry.bind(dev_args, dev_kwargs)
+
+    def _to_device(self, value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        return value.detach().to(self.device).requires_grad_(value.requires_grad)
+
+    def _recompute(
+        self,
+        entry: RegisteredFunction,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        rng: RngReplay | None,
+        lower_order: Sequence[Sequence[torch.Tensor | None]],
+        is_active: Callable[[], bool],
+    ) -> _Chain:
+        """Rebuild the graph a backward of order ``len(lower_order) + 1`` differentiates."""
+        if rng is not None and (rng.device_type != self.device.type or rng.torch_version != torch.__version__):
+            raise RngMismatch(
+                f"{entry.name}: the forward drew random numbers on {rng.device_type} with torch {rng.torch_version[:32]}; "
+                f"this server runs on {self.device.type} with torch {torch.__version__} and cannot draw the same numbers "
+                "again. Run the forward again, or send the backward to a server like the one that ran it"
+            )
+        inputs, call = self._prepare(entry, args, kwargs)
+        outputs, _, _ = self._run_forward(entry, call, is_active, replay=rng)
+        chain = _Chain(inputs, outputs, 0)
+        for cotangents in lower_order:
+            checked = self._check_grad_outputs(entry, chain.outputs, cotangents, chain.order)
+            chain = self._differentiate(entry, chain, checked, True)
+        return chain
 
     def _run_forward(
-        self, entry: RegisteredFunction, dev_args: list[Any], is_active: Callable[[], bool]
-    ) -> tuple[tuple[torch.Tensor, ...], bool]:
+        self,
+        entry: RegisteredFunction,
+        call: tuple[tuple[Any, ...], dict[str, Any]],
+        is_active: Callable[[], bool],
+        *,
+        grad_enabled: bool = True,
+        replay: RngReplay | None = None,
+    ) -> tuple[tuple[torch.Tensor, ...], bool, RngReplay | None]:
+        """Run forward with seeded generators: (outputs, returned a tuple, the seed if it drew numbers)."""
         _ensure_active(is_active, entry, "forward")
-        needs_grad = any(isinstance(a, torch.Tensor) and a.requires_grad for a in dev_args)
-        with self._guard(entry, "forward"), torch.set_grad_enabled(needs_grad):
-            out = entry.apply(*dev_args)
+        args, kwargs = call
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with self._rng_lock:  # the generators are process-wide: one seeded forward at a time
+            seed = replay.seed if replay is not None else int(torch.randint(0, 2**63 - 1, ()).item())
+            with torch.random.fork_rng(devices=devices, device_type="cuda"):
+                torch.default_generator.manual_seed(seed)
+                if devices:
+                    torch.cuda.default_generators[devices[0]].manual_seed(seed)
+                before = self._rng_states()
+                with self._guard(entry, "forward"), torch.set_grad_enabled(grad_enabled):
+                    out = entry.apply(*args, **kwargs)
+                drew = not all(torch.equal(a, b) for a, b in zip(before, self._rng_states()))
+        rng = RngReplay(seed, self.device.type, torch.__version__) if drew else None
         if isinstance(out, torch.Tensor):
             self._check_finite(entry, "output", (out,))
-            return (out,), False
+            return (out,), False, rng
         if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
             self._check_finite(entry, "output", out)
-            return tuple(out), True
+            return tuple(out), True, rng
         got = (
             type(out).__name__
             if not isinstance(out, (tuple, list))
@@ -313,81 +467,117 @@ class Runtime:
         )
         raise FunctionError(f"{entry.name} forward returned {got}; expected a tensor or a non-empty tuple of tensors")
 
+    def _rng_states(self) -> list[torch.Tensor]:
+        states = [torch.default_generator.get_state()]
+        if self.device.type == "cuda":
+            states.append(torch.cuda.get_rng_state(self.device))
+        return states
+
     @staticmethod
-    def _result(entry: RegisteredFunction, outputs: tuple[tuple[torch.Tensor, ...], bool]) -> ForwardResult:
-        tensors, returns_tuple = outputs
+    def _result(
+        entry: RegisteredFunction, outputs: tuple[torch.Tensor, ...], returns_tuple: bool, rng: RngReplay | None
+    ) -> ForwardResult:
         return ForwardResult(
-            outputs=tuple(t.detach() for t in tensors),
+            outputs=tuple(t.detach() for t in outputs),
             returns_tuple=returns_tuple,
-            differentiable=tuple(t.requires_grad for t in tensors),
+            differentiable=tuple(t.requires_grad for t in outputs),
             version=entry.version,
+            rng=rng,
         )
 
     def _vjp(
         self,
         entry: RegisteredFunction,
-        dev_args: list[Any],
-        outputs: tuple[torch.Tensor, ...],
+        chain: _Chain,
         cotangents: Sequence[torch.Tensor | None],
+        keep_graph: bool,
         is_active: Callable[[], bool],
+        owner: str = "",
         retain_graph: bool = False,
-    ) -> list[torch.Tensor | None]:
+    ) -> BackwardResult:
         _ensure_active(is_active, entry, "backward")
-        pairs = [(o, g) for o, g in zip(outputs, cotangents) if g is not None and o.requires_grad]
-        wanted = [i for i, a in enumerate(dev_args) if isinstance(a, torch.Tensor) and a.requires_grad]
-        grads: list[torch.Tensor | None] = [None] * len(dev_args)
-        if not pairs or not wanted:
-            return grads
-        with self._guard(entry, "backward"):
-            computed = torch.autograd.grad(
-                [o for o, _ in pairs],
-                [dev_args[i] for i in wanted],
-                [g for _, g in pairs],
-                allow_unused=True,
-                retain_graph=retain_graph,
-            )
-        for i, g in zip(wanted, computed):
-            grads[i] = g
-        self._check_finite(entry, "gradient", grads)
-        return grads
+        result = self._differentiate(entry, chain, cotangents, keep_graph, retain_graph=retain_graph)
+        self._check_finite(entry, "gradient", result.outputs[: len(chain.inputs)])
+        handle = None
+        if keep_graph and any(g is not None and g.requires_grad for g in result.outputs):
+            _ensure_active(is_active, entry, "keeping the graph")
+            handle = self.handles.put(Graph(entry, result.inputs, result.outputs, result.order), owner)
+        return BackwardResult(list(result.outputs), handle)
+
+    def _differentiate(
+        self,
+        entry: RegisteredFunction,
+        chain: _Chain,
+        cotangents: Sequence[torch.Tensor | None],
+        create_graph: bool,
+        retain_graph: bool = False,
+    ) -> _Chain:
+        """The next order: gradients of ``chain``'s outputs with respect to its inputs.
+
+        With ``create_graph`` the gradients carry their own graph, whose inputs are
+        ``chain``'s inputs followed by ``cotangents``.
+        """
+        pairs = [(o, g) for o, g in zip(chain.outputs, cotangents) if g is not None and o is not None and o.requires_grad]
+        wanted = [i for i, a in enumerate(chain.inputs) if isinstance(a, torch.Tensor) and a.requires_grad]
+        grads: list[torch.Tensor | None] = [None] * len(chain.inputs)
+        if pairs and wanted:
+            phase = "backward" if chain.order == 0 else f"backward of order {chain.order + 1}"
+            with self._guard(entry, phase), torch.enable_grad() if create_graph else contextlib.nullcontext():
+                computed = torch.autograd.grad(
+                    [o for o, _ in pairs],
+                    [chain.inputs[i] for i in wanted],
+                    [g for _, g in pairs],
+                    allow_unused=True,
+                    create_graph=create_graph,
+                    retain_graph=retain_graph or create_graph,
+                )
+            for i, g in zip(wanted, computed):
+                grads[i] = g
+        return _Chain([*chain.inputs, *cotangents], tuple(grads), chain.order + 1)
 
     def _check_finite(self, entry: RegisteredFunction, what: str, tensors: Sequence[torch.Tensor | None]) -> None:
         if not self.check_finite:
             return
         for i, t in enumerate(tensors):
             if t is not None and (t.is_floating_point() or t.is_complex()):
-                bad = int((~torch.isfinite(t)).sum())
+                values = t._values() if t.layout == torch.sparse_coo else t
+                bad = int((~torch.isfinite(values)).sum())
                 if bad:
-                    raise NonFinite(f"{entry.name} {what} {i} holds {bad} NaN or Inf value(s) of {t.numel()} (--check-finite)")
+                    raise NonFinite(
+                        f"{entry.name} {what} {i} holds {bad} NaN or Inf value(s) of {values.numel()} (--check-finite)"
+                    )
 
     def _check_grad_outputs(
         self,
         entry: RegisteredFunction,
-        outputs: tuple[torch.Tensor, ...],
+        outputs: tuple[torch.Tensor | None, ...],
         grad_outputs: Sequence[torch.Tensor | None] | None,
+        order: int,
     ) -> list[torch.Tensor | None]:
+        what = "output" if order == 0 else f"order-{order} gradient"
         if grad_outputs is None or len(grad_outputs) == 0:
             # Ones broadcast from one element: the gradient of out.sum(), as autograd itself
             # passes it, without allocating an output-sized tensor.
-            return [torch.ones((), dtype=o.dtype, device=o.device).expand_as(o) if o.requires_grad else None for o in outputs]
+            return [
+                torch.ones((), dtype=o.dtype, device=o.device).expand_as(o) if o is not None and o.requires_grad else None
+                for o in outputs
+            ]
         if len(grad_outputs) != len(outputs):
-            raise InvalidArgument(f"{entry.name} returned {len(outputs)} output(s), got {len(grad_outputs)} grad_outputs")
+            raise InvalidArgument(f"{entry.name} returned {len(outputs)} {what}(s), got {len(grad_outputs)} grad_outputs")
         checked: list[torch.Tensor | None] = []
         for i, (o, g) in enumerate(zip(outputs, grad_outputs)):
             if g is None:
                 checked.append(None)
                 continue
-            if not o.requires_grad:
-                raise InvalidArgument(
-                    f"{entry.name} output {i} ({str(o.dtype).removeprefix('torch.')}) is not differentiable; "
-                    "send none as its grad_output"
-                )
+            if o is None or not o.requires_grad:
+                kind = "is absent (None)" if o is None else f"({_dtype_name(o.dtype)}) is not differentiable"
+                raise InvalidArgument(f"{entry.name} {what} {i} {kind}; send none as its grad_output")
             if g.shape != o.shape or g.dtype != o.dtype:
                 raise InvalidArgument(
-                    f"{entry.name} grad_outputs[{i}]: expected {str(o.dtype).removeprefix('torch.')} "
-                    f"of shape {list(o.shape)}, got {str(g.dtype).removeprefix('torch.')} of shape {list(g.shape)}"
+                    f"{entry.name} grad_outputs[{i}]: expected {_dtype_name(o.dtype)} "
+                    f"of shape {list(o.shape)}, got {_dtype_name(g.dtype)} of shape {list(g.shape)}"
                 )
-            checked.append(g.to(self.device))
+            checked.append(self._to_device(g))
         return checked
 
     @contextlib.contextmanager
@@ -405,6 +595,10 @@ class Runtime:
                 raise ResourceExhausted(f"{entry.name} {phase}: out of memory on {self.device}: {exc}") from exc
             log.warning("%s %s raised", entry.name, phase, exc_info=exc)
             raise FunctionError(f"{entry.name} {phase} raised {type(exc).__name__}: {exc}") from exc
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _is_out_of_memory(exc: Exception) -> bool:

@@ -321,7 +321,7 @@ def _startup_checks(registry: Registry, timeout_s: float, stopping: threading.Ev
             try:
                 box.append(check_function(entry))
             except BaseException as exc:  # noqa: BLE001 - even SystemExit from a check is a failed check
-                box.append(CheckResult(entry.name, "fail", None, "skip", None, f"{type(exc).__name__}: {exc}"))
+                box.append(CheckResult(entry.name, "fail", "skip", f"{type(exc).__name__}: {exc}"))
 
         thread = threading.Thread(target=run, name=f"gradserve-check-{entry.name}", daemon=True)
         thread.start()
@@ -335,7 +335,7 @@ def _startup_checks(registry: Registry, timeout_s: float, stopping: threading.Ev
             if not box[0].ok:
                 unavailable[entry.name] = f"failed gradcheck at start-up: {box[0].detail}"
         else:
-            results.append(CheckResult(entry.name, "fail", None, "skip", None, f"check timed out after {timeout_s:g} s"))
+            results.append(CheckResult(entry.name, "fail", "skip", f"check timed out after {timeout_s:g} s"))
             unavailable[entry.name] = f"check timed out after {timeout_s:g} s (--check-timeout-s)"
     log.info("start-up gradient checks:\n%s", format_table(results))
     for name, reason in unavailable.items():

@@ -13,6 +13,7 @@ its reply is sure to go out.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -36,11 +37,11 @@ from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 from ._admission import ByteBudget, Reservation
 from ._auth import ANONYMOUS, caller_identity
-from ._errors import Abandoned, GradServeServerError, InvalidArgument
+from ._errors import Abandoned, FunctionError, GradServeServerError, InvalidArgument
 from ._logging import escape
 from ._metrics import Metrics
 from ._registry import RegisteredFunction
-from ._runtime import ForwardResult, Runtime
+from ._runtime import ForwardResult, RngReplay, Runtime
 
 __all__ = ["ERROR_DOMAIN", "GradientServicer"]
 
@@ -214,7 +215,7 @@ class _Payloads:
 
 
 def _tensor_bytes(tensors: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return sum(codec.nbytes(t) for t in tensors)
 
 
 class GradientServicer(pb_grpc.GradientServiceServicer):
@@ -285,6 +286,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                     kind=f.kind,
                     version=f.version,
                     unavailable_reason=self.runtime.unavailable.get(f.name, ""),
+                    signature=f.signature,
+                    required_inputs=f.required_inputs,
+                    double_backward=f.differentiable_backward,
                 )
                 for f in self.runtime.registry
             ]
@@ -371,25 +375,33 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         entry = self.runtime.function(request.function)  # NOT_FOUND before anything else
         if kind == "backward":
             if request.WhichOneof("graph") == "recompute":
-                self._check_values(entry, request.recompute.values, "argument", count=True)
+                self._check_values(entry, request.recompute.values, "argument", kwargs=request.recompute.kwargs)
+            for k, c in enumerate(request.lower_order):
+                self._check_values(entry, c.values, f"lower_order[{k}]")
         else:
-            self._check_values(entry, request.args, "argument", count=True)
+            self._check_values(entry, request.args, "argument", kwargs=request.kwargs)
         if kind != "forward":
-            self._check_values(entry, [v for v in request.grad_outputs], "grad_outputs", count=False)
+            self._check_values(entry, request.grad_outputs, "grad_outputs")
         if admit:
             self._admit(call, call.bytes_in, call.context)
 
-    def _check_values(self, entry: RegisteredFunction, values: Any, what: str, *, count: bool) -> None:
-        if count and entry.num_inputs is not None and len(values) != entry.num_inputs:
-            raise InvalidArgument(
-                f"{entry.name} takes {entry.num_inputs} argument{'s' * (entry.num_inputs != 1)}, got {len(values)}"
-            )
+    def _check_values(self, entry: RegisteredFunction, values: Any, what: str, *, kwargs: Any = None) -> None:
+        """Argument count against the signature, then each tensor's declared dtype and size: nothing decoded."""
+        named = list(kwargs or ())
+        if what == "argument":
+            if entry.num_inputs is None and (len(values) > _MAX_ARGUMENTS or len(named) > _MAX_ARGUMENTS):
+                raise InvalidArgument(f"{entry.name}: {len(values)} positional and {len(named)} keyword arguments; at most {_MAX_ARGUMENTS} each")
+            try:  # placeholders: the count and names are checked as Python would, before any tensor is decoded
+                entry.bind([None] * len(values), {item.name: None for item in named})
+            except TypeError as exc:
+                raise InvalidArgument(str(exc)) from None
         total = 0
-        for i, value in enumerate(values):
+        items = [*values, *(item.value for item in named)]
+        for i, value in enumerate(items):
             if value.WhichOneof("kind") != "tensor":
                 continue
             tensor = value.tensor
-            name = f"{entry.name} {what} {i}" if what == "argument" else f"{entry.name} grad_outputs[{i}]"
+            name = f"{entry.name} {what} {i}" if what == "argument" else f"{entry.name} {what}[{i}]"
             nbytes = codec.tensor_nbytes(tensor, what=name)  # dtype, rank, negative dimensions
             if self.max_tensor_bytes is not None and nbytes > self.max_tensor_bytes:
                 raise codec.TensorTooLarge(
@@ -420,7 +432,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         for i, t in enumerate(tensors):
             if t is None:
                 continue
-            nbytes = t.numel() * t.element_size()
+            nbytes = codec.nbytes(t)
             if self.max_tensor_bytes is not None and nbytes > self.max_tensor_bytes:
                 raise _OutputTooLarge(
                     f"{call.function} {what} {i} of shape {list(t.shape)[:8]} is {nbytes} bytes, over the server's "
@@ -438,16 +450,25 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     ) -> pb.ForwardResponse:
         self.runtime.function(request.function)  # NOT_FOUND before decoding any tensor
         args = self._decode_args(request.function, request.args, io)
+        kwargs = self._decode_kwargs(request.function, request.kwargs, io)
         result = self.runtime.forward(
-            request.function, args, keep_graph=request.keep_graph, is_active=context.is_active, owner=call.owner, defer_keep=True
+            request.function,
+            args,
+            kwargs,
+            keep_graph=request.keep_graph,
+            grad_enabled=not request.no_grad,
+            is_active=context.is_active,
+            owner=call.owner,
+            defer_keep=True,
         )
         self._check_outputs(call, result.outputs, io, "output")
         response = pb.ForwardResponse(
-            outputs=_encode_outputs(result, io),
+            outputs=_encode_outputs(request.function, result, io),
             returns_tuple=result.returns_tuple,
             handle=result.handle or "",
             handle_ttl_ms=int(self.runtime.handles.ttl_s * 1000) if result.handle else 0,
             version=result.version,
+            rng=pb.RngReplay(**dataclasses.asdict(result.rng)) if result.rng else None,
         )
         if result.pending is not None:
             if io.outgoing is None:  # unary: the reply is built and the caller still there
@@ -461,36 +482,62 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def _backward(
         self, request: pb.BackwardRequest, context: grpc.ServicerContext, io: _Payloads, call: _CallRecord
     ) -> pb.BackwardResponse:
-        self.runtime.function(request.function)
+        function = request.function
+        self.runtime.function(function)
         source = request.WhichOneof("graph")
         if source is None:
-            raise codec.CodecError(f"{request.function} backward: set either handle or recompute")
-        # Slot order: recompute arguments (field 3) before grad_outputs (field 4).
-        args = self._decode_args(request.function, request.recompute.values, io) if source == "recompute" else None
-        grads = self.runtime.backward(
-            request.function,
+            raise codec.CodecError(f"{function} backward: set either handle or recompute")
+        # Slot order: recompute arguments (field 3), grad_outputs (4), lower_order (8).
+        args = kwargs = None
+        if source == "recompute":
+            args = self._decode_args(function, request.recompute.values, io)
+            kwargs = self._decode_kwargs(function, request.recompute.kwargs, io)
+        grad_outputs = self._decode_grad_outputs(function, request.grad_outputs, io)
+        lower_order = [
+            self._decode_grad_outputs(function, c.values, io, what=f"lower_order[{k}]") or []
+            for k, c in enumerate(request.lower_order)
+        ]
+        result = self.runtime.backward(
+            function,
             handle=request.handle if source == "handle" else None,
             args=args,
-            grad_outputs=self._decode_grad_outputs(request.function, request.grad_outputs, io),
+            kwargs=kwargs,
+            grad_outputs=grad_outputs,
+            lower_order=lower_order,
+            keep_graph=request.keep_graph,
+            rng=RngReplay(request.rng.seed, request.rng.device_type, request.rng.torch_version)
+            if request.HasField("rng")
+            else None,
             version=request.version,
             is_active=context.is_active,
             owner=call.owner,
         )
-        self._check_outputs(call, grads, io, "gradient")
-        return pb.BackwardResponse(grads=[codec.encode_maybe_tensor(g, payloads=io.outgoing) for g in grads])
+        try:
+            self._check_outputs(call, result.grads, io, "gradient")
+            return pb.BackwardResponse(
+                grads=_encode_grads(function, result.grads, io),
+                handle=result.handle or "",
+                handle_ttl_ms=int(self.runtime.handles.ttl_s * 1000) if result.handle else 0,
+            )
+        except BaseException:
+            if result.handle:  # the next order's graph: not kept when its reply is refused
+                self.runtime.handles.release([result.handle], call.owner)
+            raise
 
     def _forward_backward(
         self, request: pb.ForwardBackwardRequest, context: grpc.ServicerContext, io: _Payloads, call: _CallRecord
     ) -> pb.ForwardBackwardResponse:
         self.runtime.function(request.function)
+        # Slot order: args (field 2), grad_outputs (3), kwargs (4).
         args = self._decode_args(request.function, request.args, io)
         grad_outputs = self._decode_grad_outputs(request.function, request.grad_outputs, io)
-        result, grads = self.runtime.forward_backward(request.function, args, grad_outputs, context.is_active)
+        kwargs = self._decode_kwargs(request.function, request.kwargs, io)
+        result, grads = self.runtime.forward_backward(request.function, args, grad_outputs, context.is_active, kwargs)
         self._check_outputs(call, [*result.outputs, *grads], io, "output or gradient")
         return pb.ForwardBackwardResponse(
-            outputs=_encode_outputs(result, io),
+            outputs=_encode_outputs(request.function, result, io),
             returns_tuple=result.returns_tuple,
-            grads=[codec.encode_maybe_tensor(g, payloads=io.outgoing) for g in grads],
+            grads=_encode_grads(request.function, grads, io),
         )
 
     def _decode_args(self, function: str, values: Any, io: _Payloads) -> list[Any]:
@@ -499,15 +546,29 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             for i, v in enumerate(values)
         ]
 
-    def _decode_grad_outputs(self, function: str, values: Any, io: _Payloads) -> list[Any] | None:
+    def _decode_kwargs(self, function: str, named: Any, io: _Payloads) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
+        for item in named:
+            shown = escape(item.name)
+            if item.name in kwargs:
+                raise codec.CodecError(f"{function}: keyword argument {shown} given twice")
+            kwargs[item.name] = codec.decode_value(
+                item.value, max_tensor_bytes=self.max_tensor_bytes, what=f"{function} argument {shown}", payloads=io.incoming
+            )
+        return kwargs
+
+    def _decode_grad_outputs(self, function: str, values: Any, io: _Payloads, what: str = "grad_outputs") -> list[Any] | None:
         if not values:
             return None
-        return [
-            codec.decode_maybe_tensor(
-                v, max_bytes=self.max_tensor_bytes, what=f"{function} grad_outputs[{i}]", payloads=io.incoming
+        decoded = []
+        for i, v in enumerate(values):
+            g = codec.decode_maybe_tensor(
+                v, max_bytes=self.max_tensor_bytes, what=f"{function} {what}[{i}]", payloads=io.incoming
             )
-            for i, v in enumerate(values)
-        ]
+            if g is not None and getattr(v, v.WhichOneof("kind")).requires_grad and (g.is_floating_point() or g.is_complex()):
+                g.requires_grad_(True)  # a leaf of the graph a keep_graph backward keeps
+            decoded.append(g)
+        return decoded
 
 
 class _StreamedReply:
@@ -538,6 +599,11 @@ class _StreamedReply:
         self._call.finish(grpc.StatusCode.OK if self._sent_all else self._call.gone_code())
 
 
+# Most positional (or keyword) arguments a request to a Function taking *args may carry:
+# binding and checking a million placeholders would cost seconds. A fixed signature
+# refuses extra arguments at once.
+_MAX_ARGUMENTS = 4096
+
 # Protobuf cannot serialise a message of 2 GiB or more; leave room for the envelope.
 UNARY_RESPONSE_LIMIT_BYTES = 2**31 - 2**20
 
@@ -557,5 +623,23 @@ def _fits_one_message(io: _Payloads, total: int, function: str) -> None:
         )
 
 
-def _encode_outputs(result: ForwardResult, io: _Payloads) -> list[pb.Tensor]:
-    return [codec.encode_tensor(o, requires_grad=d, payloads=io.outgoing) for o, d in zip(result.outputs, result.differentiable)]
+def _encode_outputs(function: str, result: ForwardResult, io: _Payloads) -> list[pb.Tensor]:
+    """The outputs as messages; one the wire cannot carry is the Function's fault, named with its index."""
+    encoded = []
+    for i, (o, d) in enumerate(zip(result.outputs, result.differentiable)):
+        try:
+            encoded.append(codec.encode_tensor(o, requires_grad=d, payloads=io.outgoing))
+        except codec.CodecError as exc:
+            raise FunctionError(f"{function} forward output {i} cannot be sent: {exc}") from None
+    return encoded
+
+
+def _encode_grads(function: str, grads: Any, io: _Payloads) -> list[pb.MaybeTensor]:
+    """Gradients as messages; ``requires_grad`` says whether one can be differentiated again."""
+    encoded = []
+    for i, g in enumerate(grads):
+        try:
+            encoded.append(codec.encode_maybe_tensor(g, requires_grad=g is not None and g.requires_grad, payloads=io.outgoing))
+        except codec.CodecError as exc:
+            raise FunctionError(f"{function} backward: gradient {i} cannot be sent: {exc}") from None
+    return encoded

@@ -23,11 +23,13 @@ def _sample(*shape: int, scale: float = 1.0) -> torch.Tensor:
 __all__ = ["CubePlusSquare", "Linear", "LogSumExp", "MaxWithIndex", "Softplus", "Square", "StraightThroughSign", "scale"]
 
 
-@register("square", double_backward=True)
+@register("square", double_backward=True, supports_complex=True)
 class Square(torch.autograd.Function):
     """y = x ** 2, elementwise; dy/dx = 2x. At x = 1: y = 1, dy/dx = 2.
 
-    Shapes: any; the output has the input's shape and dtype.
+    Shapes: any; the output has the input's shape and dtype. Complex x gets PyTorch's
+    convention (conjugate Wirtinger calculus, see the autograd notes): the gradient is
+    grad_output * conj(2x); at x = 1+2j with grad_output 1 it is 2-4j.
     """
 
     @staticmethod
@@ -38,16 +40,17 @@ class Square(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        return 2 * x * grad_output
+        return grad_output * (2 * x).conj()
 
 
-@register("cube_plus_square", double_backward=True)
+@register("cube_plus_square", double_backward=True, supports_complex=True)
 class CubePlusSquare(torch.autograd.Function):
     """f(x, y) = x ** 3 + y ** 2, elementwise; df/dx = 3x², df/dy = 2y. At (2, 3): f = 17, 12, 6.
 
     The version of this example that circulates in articles returns only the x
     gradient from backward, dropping df/dy; this one returns one gradient per input.
     x and y broadcast like ``+``; each gradient is reduced to its input's shape.
+    Complex inputs: gradients grad_output * conj(3x²) and grad_output * conj(2y).
     """
 
     @staticmethod
@@ -61,8 +64,8 @@ class CubePlusSquare(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x, y = ctx.saved_tensors
-        grad_x = _sum_to(3 * x**2 * grad_output, x.shape) if ctx.needs_input_grad[0] else None
-        grad_y = _sum_to(2 * y * grad_output, y.shape) if ctx.needs_input_grad[1] else None
+        grad_x = _sum_to(grad_output * (3 * x**2).conj(), x.shape) if ctx.needs_input_grad[0] else None
+        grad_y = _sum_to(grad_output * (2 * y).conj(), y.shape) if ctx.needs_input_grad[1] else None
         return grad_x, grad_y
 
 
@@ -131,13 +134,14 @@ class LogSumExp(torch.autograd.Function):
         return grad_output.unsqueeze(-1) * softmax
 
 
-@register("linear", double_backward=True, sample_inputs=lambda: (_sample(4, 3), _sample(2, 3), _sample(2)))
+@register("linear", double_backward=True, supports_complex=True, sample_inputs=lambda: (_sample(4, 3), _sample(2, 3), _sample(2)))
 class Linear(torch.autograd.Function):
     """y = x @ weight.T + bias, like ``torch.nn.functional.linear``, with a hand-written backward.
 
     Shapes: x [batch, in], weight [out, in], bias [out] or None -> y [batch, out].
     Gradients: grad_x = g @ weight, grad_weight = g.T @ x, grad_bias = g.sum(0), each
-    computed only when ``ctx.needs_input_grad`` asks for it.
+    computed only when ``ctx.needs_input_grad`` asks for it; for complex tensors
+    weight and x are conjugated (PyTorch's convention).
     """
 
     @staticmethod
@@ -150,8 +154,8 @@ class Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        grad_x = grad_output @ weight if ctx.needs_input_grad[0] else None
-        grad_w = grad_output.T @ x if ctx.needs_input_grad[1] else None
+        grad_x = grad_output @ weight.conj() if ctx.needs_input_grad[0] else None
+        grad_w = grad_output.T @ x.conj() if ctx.needs_input_grad[1] else None
         grad_b = grad_output.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
@@ -179,7 +183,7 @@ class MaxWithIndex(torch.autograd.Function):
         return grad.scatter(-1, indices.unsqueeze(-1), grad_values.unsqueeze(-1))
 
 
-@register("scale", double_backward=True, sample_inputs=lambda: (_sample(4), 2.5))
+@register("scale", double_backward=True, supports_complex=True, sample_inputs=lambda: (_sample(4), 2.5))
 def scale(x: torch.Tensor, k: float) -> torch.Tensor:
     """k * x: a plain differentiable callable with a scalar parameter (autograd derives backward)."""
     return x * k

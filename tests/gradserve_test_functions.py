@@ -91,3 +91,86 @@ def log(x: torch.Tensor) -> torch.Tensor:
 def allocate_huge(x: torch.Tensor) -> torch.Tensor:
     """Asks the allocator for 32 TiB: out of memory on any machine."""
     return x + torch.empty(2**45, dtype=torch.uint8).sum()
+
+
+# -- Function shapes users write (issue: gradients you can trust) ----------------------
+
+
+@register("dropout")
+def dropout(x: torch.Tensor) -> torch.Tensor:
+    """Dropout with p = 0.5 in training mode: draws a random mask on every forward."""
+    return torch.nn.functional.dropout(x, p=0.5, training=True)
+
+
+@register("forces")
+def forces(pos: torch.Tensor) -> torch.Tensor:
+    """Autograd inside forward, as force fields do: -dE/dpos for E = sum(pos**2)."""
+    p = pos.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad((p**2).sum(), p)
+    return -g
+
+
+@register("grad_mode")
+def grad_mode(x: torch.Tensor) -> torch.Tensor:
+    """1.0 when forward runs with grad mode on, else 0.0."""
+    return torch.tensor(float(torch.is_grad_enabled()))
+
+
+@register("scale_default")
+def scale_default(x: torch.Tensor, k: float = 3.0) -> torch.Tensor:
+    """k * x with a default k."""
+    return x * k
+
+
+@register("scale_default_fn")
+class ScaleDefault(torch.autograd.Function):
+    """k * x with a default k; backward returns a trailing None for k, as PyTorch allows."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, k: float = 3.0) -> torch.Tensor:
+        ctx.k = k
+        return x * k
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return g * ctx.k, None
+
+
+@register("embedding_sparse")
+def embedding_sparse(indices: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.embedding with sparse=True: the weight's gradient is a sparse COO tensor."""
+    return torch.nn.functional.embedding(indices, weight, sparse=True)
+
+
+@register("meta_output")
+def meta_output(x: torch.Tensor) -> torch.Tensor:
+    """Returns a meta tensor, which has no data to send."""
+    return torch.empty(x.shape, device="meta")
+
+
+@register("fnuz_output")
+def fnuz_output(x: torch.Tensor) -> torch.Tensor:
+    """Returns float8_e4m3fnuz, a dtype the wire does not carry."""
+    return x.to(torch.float8_e4m3fnuz)
+
+
+@register("sparse_output")
+def sparse_output(x: torch.Tensor) -> torch.Tensor:
+    """Returns a sparse tensor; outputs travel dense only."""
+    return x.to_sparse()
+
+
+@register("once_differentiable_square", double_backward=True)
+class OnceDifferentiableSquare(torch.autograd.Function):
+    """x**2 whose backward is @once_differentiable, though registered with double_backward=True."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * g

@@ -149,10 +149,12 @@ def test_requires_grad_only_on_floating_tensors() -> None:
 
 
 def test_unsupported_dtypes_are_refused_when_encoding() -> None:
-    with pytest.raises(codec.CodecError, match="cannot be sent"):
-        codec.encode_tensor(torch.zeros(2, dtype=torch.float8_e4m3fn))
+    with pytest.raises(codec.CodecError, match="dtype float8_e4m3fnuz cannot be sent"):
+        codec.encode_tensor(torch.zeros(2, dtype=torch.float8_e4m3fnuz))
     with pytest.raises(codec.CodecError, match="dense"):
-        codec.encode_tensor(torch.eye(2).to_sparse())
+        codec.encode_tensor(torch.eye(2).to_sparse())  # sparse goes through encode_sparse
+    with pytest.raises(codec.CodecError, match="meta tensor"):
+        codec.encode_tensor(torch.empty(2, device="meta"))
 
 
 def test_maybe_tensor_keeps_none_explicit() -> None:

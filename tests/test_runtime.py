@@ -49,8 +49,8 @@ def test_handle_and_recompute_give_identical_gradients(runtime: Runtime) -> None
     upstream = [torch.randn(5, 4, generator=g)]
     forwarded = runtime.forward("linear", args, keep_graph=True)
     assert forwarded.handle
-    by_handle = runtime.backward("linear", handle=forwarded.handle, grad_outputs=upstream)
-    by_recompute = runtime.backward("linear", args=args, grad_outputs=upstream)
+    by_handle = runtime.backward("linear", handle=forwarded.handle, grad_outputs=upstream).grads
+    by_recompute = runtime.backward("linear", args=args, grad_outputs=upstream).grads
     assert by_handle[2] is None and by_recompute[2] is None  # bias did not require grad
     for a, b in zip(by_handle[:2], by_recompute[:2]):
         assert torch.equal(a, b)
@@ -75,7 +75,7 @@ def test_handle_store_evicts_least_recently_used_and_expires() -> None:
     h1, h2, h3 = (rt.forward("square", [leaf([1.0])], keep_graph=True).handle for _ in range(3))
     with pytest.raises(HandleNotFound):
         rt.backward("square", handle=h1)
-    assert rt.backward("square", handle=h3)[0].tolist() == [2.0]
+    assert rt.backward("square", handle=h3).grads[0].tolist() == [2.0]
     short = Runtime(registry, "cpu", handle_ttl_s=0.05)
     h = short.forward("square", [leaf([1.0])], keep_graph=True).handle
     time.sleep(0.1)
@@ -87,7 +87,7 @@ def test_handle_of_another_function_is_refused(runtime: Runtime) -> None:
     handle = runtime.forward("square", [leaf([1.0])], keep_graph=True).handle
     with pytest.raises(InvalidArgument, match="belongs to function 'square', not 'softplus'"):
         runtime.backward("softplus", handle=handle)
-    assert runtime.backward("square", handle=handle)[0].tolist() == [2.0]  # still usable
+    assert runtime.backward("square", handle=handle).grads[0].tolist() == [2.0]  # still usable
 
 
 def test_grad_outputs_are_checked(runtime: Runtime) -> None:
