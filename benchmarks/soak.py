@@ -914,6 +914,27 @@ def _hostile_patterns(target: str, stop: threading.Event, stats: ChaosStats, sca
             huge_output, exiting_functions, bad_tokens, hostile_names, handle_theft, malformed]
 
 
+def probe_health(target: str, duration_s: float, interval_s: float = 0.1) -> int:
+    """Check health every ``interval_s`` for ``duration_s``; print the count, failures and worst latency."""
+    checks = failures = 0
+    worst = 0.0
+    end = time.monotonic() + duration_s
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < end:
+            t0 = time.perf_counter()
+            try:
+                ok = stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError:
+                ok = False
+            worst = max(worst, time.perf_counter() - t0)
+            checks += 1
+            failures += not ok
+            time.sleep(interval_s)
+    print(f"checks {checks} failures {failures} max_s {worst:.4f}", flush=True)
+    return 0
+
+
 def run_chaos(args: argparse.Namespace) -> int:
     duration_s = args.duration_s if args.duration_s is not None else (12.0 if args.quick else 180.0)
     scale = 1 if args.quick else 2
@@ -943,20 +964,20 @@ def run_chaos(args: argparse.Namespace) -> int:
                 _good_with_retry(kind, ctx, stats, 30.0)
 
         def prober() -> None:
-            with grpc.insecure_channel(target) as channel:
-                health_stub = health_pb2_grpc.HealthStub(channel)
-                while not stop.is_set():
-                    t0 = time.perf_counter()
-                    try:
-                        ok = health_stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
-                    except grpc.RpcError:
-                        ok = False
-                    took = time.perf_counter() - t0
-                    with stats.lock:
-                        stats.health_checks += 1
-                        stats.health_max_s = max(stats.health_max_s, took)
-                        stats.health_failures += not ok
-                    stop.wait(0.1)
+            # In a process of its own: in this one, the callers' threads would hold the GIL
+            # and the prober would measure its own waits, not the server's.
+            proc = subprocess.run(
+                [sys.executable, __file__, "--probe-health", target, "--duration-s", str(duration_s)],
+                capture_output=True, text=True, timeout=duration_s + 60,
+            )
+            m = re.search(r"checks (\d+) failures (\d+) max_s ([0-9.]+)", proc.stdout)
+            with stats.lock:
+                if m is None:
+                    stats.health_failures += 1
+                    stats.example(f"[health prober] {proc.stdout[-200:]} {proc.stderr[-300:]}")
+                else:
+                    stats.health_checks, stats.health_failures = int(m.group(1)), int(m.group(2))
+                    stats.health_max_s = float(m.group(3))
 
         def sampler() -> None:
             while not stop.is_set():
@@ -1062,7 +1083,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--good-callers", type=int, default=8, help="--chaos: good caller threads (default %(default)s)")
     parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for the started server, e.g. --server-arg=--max-workers=4 (repeatable)")
+    parser.add_argument("--probe-health", metavar="TARGET", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.probe_health:
+        return probe_health(args.probe_health, args.duration_s or 10.0)
     if args.chaos:
         torch.set_num_threads(1)
         return run_chaos(args)

@@ -382,8 +382,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             self._check_values(entry, request.args, "argument", kwargs=request.kwargs)
         if kind != "forward":
             self._check_values(entry, request.grad_outputs, "grad_outputs")
-        if admit:
-            self._admit(call, call.bytes_in, call.context)
+        if admit:  # a unary request is in memory twice while it runs: the message and its decoded tensors
+            self._admit(call, 2 * call.bytes_in, call.context)
 
     def _check_values(self, entry: RegisteredFunction, values: Any, what: str, *, kwargs: Any = None) -> None:
         """Argument count against the signature, then each tensor's declared dtype and size: nothing decoded."""
@@ -441,7 +441,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         total = _tensor_bytes(tensors)
         _fits_one_message(io, total, call.function)
         if call.reservation is not None:
-            call.reservation.grow_to(call.reservation.nbytes + total)
+            # A unary reply holds the tensors and their copy in the message; a streamed one
+            # sends views of the tensors' own bytes.
+            call.reservation.grow_to(call.reservation.nbytes + total * (2 if io.outgoing is None else 1))
 
     # -- one implementation per operation, for unary and streamed calls ------------------
 

@@ -370,17 +370,22 @@ def test_counters_follow_prometheus_naming() -> None:
             assert f"{name.removesuffix('_total')}_total" in body
 
 
-def test_stream_call_is_logged_with_its_real_final_code(server: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
-    x = torch.ones(200_000)  # 800 KB each way: several chunks
+def test_stream_call_is_logged_with_its_real_final_code(caplog: pytest.LogCaptureFixture) -> None:
+    running = start(max_tensor_bytes=128 << 20)
+    n = 4096  # [n, 1] + [1, n]: a 64 MiB reply to a 32 KiB request, far more than flow control lets out unread
     payloads: list[torch.Tensor] = []
-    header = pb.StreamRequest(forward=pb.ForwardRequest(function="square", args=[codec.encode_value(x, payloads=payloads)]))
-    messages = [header] + [pb.StreamRequest(data=c) for c in codec_chunks(payloads)]
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel, caplog.at_level(logging.INFO, logger="gradserve.calls"):
-        call = pb_grpc.GradientServiceStub(channel).StreamCall(iter(messages), timeout=10, metadata=[("x-request-id", "cancel-me")])
-        first = next(call)  # the reply header has gone out
-        assert first.WhichOneof("part") == "forward"
-        call.cancel()
-        assert wait_until(lambda: any(getattr(r, "request_id", "") == "cancel-me" for r in caplog.records), timeout_s=5)
+    args = [codec.encode_value(t, payloads=payloads) for t in (torch.ones(n, 1), torch.ones(1, n))]
+    messages = [pb.StreamRequest(forward=pb.ForwardRequest(function="outer_sum", args=args))]
+    messages += [pb.StreamRequest(data=c) for c in codec_chunks(payloads)]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel, caplog.at_level(logging.INFO, logger="gradserve.calls"):
+            call = pb_grpc.GradientServiceStub(channel).StreamCall(iter(messages), timeout=30, metadata=[("x-request-id", "cancel-me")])
+            first = next(call)  # the reply header has gone out, the data has not
+            assert first.WhichOneof("part") == "forward"
+            call.cancel()
+            assert wait_until(lambda: any(getattr(r, "request_id", "") == "cancel-me" for r in caplog.records), timeout_s=10)
+    finally:
+        running.stop(0)
     record = next(r for r in caplog.records if getattr(r, "request_id", "") == "cancel-me")
     assert record.code == "CANCELLED"
 
@@ -606,13 +611,13 @@ def test_streamed_call_is_admitted_on_its_header_before_data() -> None:
 
 
 def test_call_that_does_not_fit_waits_until_its_deadline() -> None:
-    running = start(max_inflight_bytes=3 << 20, max_workers=2)
+    running = start(max_inflight_bytes=6 << 20, max_workers=2)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}", options=[("grpc.max_send_message_length", -1)]) as channel:
             stub = pb_grpc.GradientServiceStub(channel)
-            big = value(torch.ones(500_000))  # 2 MB: two do not fit in 3 MiB
+            big = value(torch.ones(500_000))  # 2 MB, counted twice (message and tensor): two do not fit in 6 MiB
             holder = stub.Forward.future(pb.ForwardRequest(function="slow", args=[big, pb.Value(float_value=2.0)]), timeout=30)
-            assert wait_until(lambda: running.servicer.budget.used >= 2_000_000, timeout_s=10)
+            assert wait_until(lambda: running.servicer.budget.used >= 4_000_000, timeout_s=10)
             t0 = time.monotonic()
             with pytest.raises(grpc.RpcError) as info:
                 stub.Forward(pb.ForwardRequest(function="square", args=[big]), timeout=0.8)
