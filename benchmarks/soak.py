@@ -997,7 +997,8 @@ def run_chaos(args: argparse.Namespace) -> int:
               f"budget {mib(budget)}", flush=True)
         threads = [threading.Thread(target=good_caller, args=(w,), daemon=True) for w in range(args.good_callers)]
         threads += [threading.Thread(target=prober, daemon=True), threading.Thread(target=sampler, daemon=True)]
-        threads += [threading.Thread(target=p, daemon=True, name=p.__name__) for p in _hostile_patterns(target, stop, stats, scale)]
+        patterns = [p for p in _hostile_patterns(target, stop, stats, scale) if p.__name__ not in args.chaos_skip]
+        threads += [threading.Thread(target=p, daemon=True, name=p.__name__) for p in patterns]
         t0 = time.perf_counter()
         for t in threads:
             t.start()
@@ -1024,7 +1025,8 @@ def run_chaos(args: argparse.Namespace) -> int:
         lines = [
             "",
             "== gradserve chaos soak ==",
-            f"duration            {elapsed:.1f} s, {args.good_callers} good callers beside {len(_hostile_patterns(target, stop, stats, scale))} hostile patterns",
+            f"duration            {elapsed:.1f} s, {args.good_callers} good callers beside {len(patterns)} hostile patterns"
+            + (f" (skipped: {', '.join(args.chaos_skip)})" if args.chaos_skip else ""),
             f"good calls          {g['calls']} made, {g['answered']} answered right, {g['failed']} failed, {g['retries']} busy retries",
             f"wrong answers       {g['wrong']}",
             f"hostile calls       {sum(stats.hostile.values())}: " + ", ".join(f"{k}={n}" for k, n in sorted(stats.hostile.items()) if not k.startswith("malformed_"))
@@ -1083,6 +1085,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--good-callers", type=int, default=8, help="--chaos: good caller threads (default %(default)s)")
     parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for the started server, e.g. --server-arg=--max-workers=4 (repeatable)")
+    parser.add_argument("--chaos-skip", action="append", default=[], metavar="PATTERN",
+                        help="--chaos: leave out a hostile pattern (idle_streams, big_uploads, ...); repeatable")
     parser.add_argument("--probe-health", metavar="TARGET", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe_health:

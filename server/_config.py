@@ -26,7 +26,7 @@ class ServerConfig:
     functions: tuple[str, ...] = field(default=())
     device: str = "auto"
     max_workers: int = 16
-    max_concurrent_rpcs: int = 64
+    max_concurrent_rpcs: int = 0
     idle_stream_timeout_s: float = 30.0
     max_inflight_bytes: int = 1024 * MiB
     intra_op_threads: int = 0
@@ -55,10 +55,10 @@ class ServerConfig:
             value = getattr(self, name)
             if not 0 <= value <= 65535:
                 raise ValueError(f"--{_flag(name)} {value}: not a TCP port (0-65535; 0 picks a free one)")
-        for name in ("max_workers", "max_concurrent_rpcs", "max_request_bytes", "max_tensor_bytes", "max_handles"):
+        for name in ("max_workers", "max_request_bytes", "max_tensor_bytes", "max_handles"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} {getattr(self, name)}: must be at least 1")
-        for name in ("intra_op_threads", "max_inflight_bytes", "max_handle_bytes"):
+        for name in ("intra_op_threads", "max_concurrent_rpcs", "max_inflight_bytes", "max_handle_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{_flag(name)} {getattr(self, name)}: must be 0 or more")
         for name in ("idle_stream_timeout_s", "check_timeout_s", "handle_ttl_s"):
@@ -67,11 +67,17 @@ class ServerConfig:
         for name in ("grace_period_s", "drain_delay_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{_flag(name)} {getattr(self, name)}: must be 0 or more seconds")
-        if self.max_concurrent_rpcs < self.max_workers:
+        if self.max_concurrent_rpcs and self.max_concurrent_rpcs < self.max_workers:
             raise ValueError(
                 f"--max-concurrent-rpcs {self.max_concurrent_rpcs} is below --max-workers {self.max_workers}: "
                 "calls in progress include those computing"
             )
+
+
+    @property
+    def concurrent_rpcs(self) -> int:
+        """Calls in progress at once: ``max_concurrent_rpcs``, or when 0, 4 per compute slot and at least 64."""
+        return self.max_concurrent_rpcs or max(64, 4 * self.max_workers)
 
 
 def _flag(name: str) -> str:
@@ -86,7 +92,8 @@ _HELP = {
     "max_workers": "forward/backward computations run at once; more calls wait, while health and ListFunctions still answer",
     "intra_op_threads": "torch intra-op threads; 0 = the CPU quota of this container (cgroup), not the host's core count",
     "max_concurrent_rpcs": "calls in progress at once (computing, queued for a compute slot, uploading or streaming); "
-    "further calls get RESOURCE_EXHAUSTED at once. Health checks and ListFunctions have capacity of their own",
+    "further calls get RESOURCE_EXHAUSTED at once. Health checks and ListFunctions have capacity of their own. "
+    "0: 4 per --max-workers, at least 64",
     "idle_stream_timeout_s": "seconds a streaming call may wait for the caller's next message before it is cancelled",
     "max_inflight_bytes": "bytes of requests being received and replies being built, over all calls; a call that does "
     "not fit waits up to its deadline, then gets RESOURCE_EXHAUSTED. 0 turns the limit off",

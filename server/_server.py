@@ -211,7 +211,7 @@ def create_server(config: ServerConfig, registry: Registry | None = None, *, sto
         on_cancel=lambda: metrics_box[0].idle_stream_cancels.inc() if metrics_box else None,
     )
     executor = AdmissionExecutor(
-        max_workers=config.max_concurrent_rpcs + _RESERVED_CALLS + _REFUSAL_THREADS, thread_name_prefix="gradserve"
+        max_workers=config.concurrent_rpcs + _RESERVED_CALLS + _REFUSAL_THREADS, thread_name_prefix="gradserve"
     )
 
     def on_busy(method: str) -> None:
@@ -221,7 +221,7 @@ def create_server(config: ServerConfig, registry: Registry | None = None, *, sto
 
     limiter = ConcurrencyLimit(
         executor,
-        config.max_concurrent_rpcs,
+        config.concurrent_rpcs,
         reserved_methods=frozenset({"/grpc.health.v1.Health/Check", f"/{SERVICE_NAME}/ListFunctions"}),
         reserved_calls=_RESERVED_CALLS,
         watchdog=watchdog,

@@ -615,9 +615,9 @@ def test_call_that_does_not_fit_waits_until_its_deadline() -> None:
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}", options=[("grpc.max_send_message_length", -1)]) as channel:
             stub = pb_grpc.GradientServiceStub(channel)
-            big = value(torch.ones(500_000))  # 2 MB, counted twice (message and tensor): two do not fit in 6 MiB
+            big = value(torch.ones(500_000))  # 2 MB, counted three times (unary): two do not fit in 6 MiB
             holder = stub.Forward.future(pb.ForwardRequest(function="slow", args=[big, pb.Value(float_value=2.0)]), timeout=30)
-            assert wait_until(lambda: running.servicer.budget.used >= 4_000_000, timeout_s=10)
+            assert wait_until(lambda: running.servicer.budget.used >= 6_000_000, timeout_s=10)
             t0 = time.monotonic()
             with pytest.raises(grpc.RpcError) as info:
                 stub.Forward(pb.ForwardRequest(function="square", args=[big]), timeout=0.8)
@@ -738,3 +738,11 @@ def test_client_certificates_are_identities(tmp_path: Path) -> None:
             assert codec.decode_maybe_tensor(grads[0]).tolist() == [2.0, 4.0]
     finally:
         running.stop(0)
+
+
+def test_concurrency_cap_defaults_follow_the_compute_slots() -> None:
+    assert ServerConfig().concurrent_rpcs == 64
+    assert ServerConfig(max_workers=100).concurrent_rpcs == 400  # more workers never fail to start
+    assert ServerConfig(max_workers=2, max_concurrent_rpcs=3).concurrent_rpcs == 3
+    with pytest.raises(ValueError, match="--max-concurrent-rpcs 3 is below --max-workers 4"):
+        ServerConfig(max_workers=4, max_concurrent_rpcs=3)
