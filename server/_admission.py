@@ -262,7 +262,12 @@ class Reservation:
 class ByteBudget:
     """Bytes in flight over all calls, at most ``limit_bytes`` (0: no limit). Thread-safe, first come first served."""
 
-    def __init__(self, limit_bytes: int, on_change: Callable[[int], None] | None = None, on_refused: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        limit_bytes: int,
+        on_change: Callable[[int], None] | None = None,
+        on_refused: Callable[[], None] | None = None,
+    ) -> None:
         self.limit_bytes = limit_bytes
         self.used = 0
         self._on_change = on_change

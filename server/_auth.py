@@ -103,7 +103,9 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         method = details.method
 
         def on_denied(context: grpc.ServicerContext) -> None:
-            self._refusal_log.log(logging.WARNING, "refused %s from %s: %s: %s", escape(method), context.peer(), code.name, message)
+            self._refusal_log.log(
+                logging.WARNING, "refused %s from %s: %s: %s", escape(method), context.peer(), code.name, message
+            )
             if self._on_refused is not None:
                 self._on_refused(method, code)
 

@@ -86,7 +86,10 @@ class HandleStore:
         return secrets.token_urlsafe(18)
 
     def put(self, graph: Graph, owner: str = "", handle: str | None = None) -> str | None:
-        """Keep ``graph`` for ``owner`` under ``handle`` (a new one if None); return it, or None when the graph alone is over ``max_bytes``."""
+        """Keep ``graph`` for ``owner`` under ``handle`` (a new one if None).
+
+        Returns the handle, or None when the graph alone is over ``max_bytes``.
+        """
         if not self.fits(graph):
             return None
         handle = handle or self.new_handle()

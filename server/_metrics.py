@@ -61,7 +61,9 @@ class Metrics:
         Gauge("gradserve_handle_bytes", "Bytes of tensors held by kept graphs (a lower bound).", registry=r).set_function(
             lambda: handles.stats()[1]
         )
-        r.register(_CounterFromFunction("gradserve_handle_evictions", "Kept graphs evicted (LRU or expired).", lambda: handles.evictions))
+        r.register(
+            _CounterFromFunction("gradserve_handle_evictions", "Kept graphs evicted (LRU or expired).", lambda: handles.evictions)
+        )
         self.auth_refusals = Counter(
             "gradserve_auth_refusals", "Calls refused for a missing or wrong bearer token.", ["code"], registry=r
         )
@@ -75,7 +77,9 @@ class Metrics:
             "gradserve_idle_stream_cancels", "Streams cancelled after --idle-stream-timeout-s without a message.", registry=r
         )
         self.inflight_bytes = Gauge(
-            "gradserve_inflight_bytes", "Bytes of requests being received and replies being built (--max-inflight-bytes).", registry=r
+            "gradserve_inflight_bytes",
+            "Bytes of requests being received and replies being built (--max-inflight-bytes).",
+            registry=r,
         )
         device = runtime.device
         Gauge(

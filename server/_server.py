@@ -146,7 +146,9 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
                 raise ValueError(f"{flag} {path}: cannot read: {exc.strerror or exc}") from exc
     client_ca = files.get("--tls-client-ca-file")
     return grpc.ssl_server_credentials(
-        [(files["--tls-key-file"], files["--tls-cert-file"])], root_certificates=client_ca, require_client_auth=client_ca is not None
+        [(files["--tls-key-file"], files["--tls-cert-file"])],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
     )
 
 
@@ -157,7 +159,9 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def create_server(config: ServerConfig, registry: Registry | None = None, *, stopping: threading.Event | None = None) -> RunningServer:
+def create_server(
+    config: ServerConfig, registry: Registry | None = None, *, stopping: threading.Event | None = None
+) -> RunningServer:
     """Build and start a server for ``config``; returns once it serves (it does not block).
 
     The port is bound first, with health NOT_SERVING and calls answered UNAVAILABLE
@@ -275,7 +279,9 @@ def create_server(config: ServerConfig, registry: Registry | None = None, *, sto
             try:
                 metrics_port = metrics.serve_http(config.host, config.metrics_port)
             except OSError as exc:
-                raise ValueError(f"--metrics-port {config.metrics_port}: cannot serve metrics on {config.host}: {exc.strerror or exc}") from exc
+                raise ValueError(
+                    f"--metrics-port {config.metrics_port}: cannot serve metrics on {config.host}: {exc.strerror or exc}"
+                ) from exc
     except BaseException:
         server.stop(0)
         watchdog.stop()
@@ -361,6 +367,9 @@ def serve(config: ServerConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     _return_freed_buffers_to_the_os()
+    # Many threads share the GIL (uploads, decoding, Functions); a health check needs it a
+    # few times. Switching every 1 ms instead of 5 keeps its wait short under load.
+    sys.setswitchinterval(0.001)
     torch.set_num_threads(config.intra_op_threads or cpu_quota())
     log.info("torch intra-op threads: %d", torch.get_num_threads())
     # Loading and checks run in a thread, so a signal is acted on at once: an import or a

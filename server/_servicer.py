@@ -259,7 +259,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
 
     def identify(self, context: grpc.ServicerContext) -> str:
         """The caller's identity: token digest, client certificate digest, or anonymous."""
-        return caller_identity(context, self._tokens_required) if self._tokens_required or context.peer_identities() else ANONYMOUS
+        if self._tokens_required or context.peer_identities():
+            return caller_identity(context, self._tokens_required)
+        return ANONYMOUS
 
     def record_refusal(self, method_path: str, code: grpc.StatusCode) -> None:
         """Count a call an interceptor refused (bad token, server busy), under its method name."""
@@ -320,7 +322,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     ) -> pb.ReleaseHandlesResponse:
         return pb.ReleaseHandlesResponse(released=self.runtime.handles.release(request.handles, call.owner))
 
-    def StreamCall(self, request_iterator: Iterator[pb.StreamRequest], context: grpc.ServicerContext) -> Iterator[pb.StreamResponse]:
+    def StreamCall(
+        self, request_iterator: Iterator[pb.StreamRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.StreamResponse]:
         """A streamed call; logged and counted when its reply has gone out (or the caller left), with that code."""
         call = _CallRecord(self, "StreamCall", context)
         tracked = False
@@ -390,7 +394,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         named = list(kwargs or ())
         if what == "argument":
             if entry.num_inputs is None and (len(values) > _MAX_ARGUMENTS or len(named) > _MAX_ARGUMENTS):
-                raise InvalidArgument(f"{entry.name}: {len(values)} positional and {len(named)} keyword arguments; at most {_MAX_ARGUMENTS} each")
+                raise InvalidArgument(
+                    f"{entry.name}: {len(values)} positional and {len(named)} keyword arguments; at most {_MAX_ARGUMENTS} each"
+                )
             try:  # placeholders: the count and names are checked as Python would, before any tensor is decoded
                 entry.bind([None] * len(values), {item.name: None for item in named})
             except TypeError as exc:
@@ -419,7 +425,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             total += nbytes
         if self.max_request_bytes is not None and total > self.max_request_bytes:
             raise codec.TensorTooLarge(
-                f"{entry.name}: the request's tensors total {total} bytes, over the request limit of {self.max_request_bytes} bytes"
+                f"{entry.name}: the request's tensors total {total} bytes, "
+                f"over the request limit of {self.max_request_bytes} bytes"
             )
 
     def _admit(self, call: _CallRecord, nbytes: int, context: grpc.ServicerContext) -> None:
