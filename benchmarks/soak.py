@@ -694,6 +694,8 @@ class ChaosStats:
     health_max_s: float = 0.0
     health_checks: int = 0
     health_failures: int = 0
+    health_p99_s: float = 0.0
+    health_over_1s: int = 0
     rss: list[int] = field(default_factory=list)
 
     def example(self, text: str) -> None:
@@ -918,6 +920,7 @@ def probe_health(target: str, duration_s: float, interval_s: float = 0.1) -> int
     """Check health every ``interval_s`` for ``duration_s``; print the count, failures and worst latency."""
     checks = failures = 0
     worst = 0.0
+    latencies: list[float] = []
     end = time.monotonic() + duration_s
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -927,11 +930,13 @@ def probe_health(target: str, duration_s: float, interval_s: float = 0.1) -> int
                 ok = stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
             except grpc.RpcError:
                 ok = False
-            worst = max(worst, time.perf_counter() - t0)
+            latencies.append(time.perf_counter() - t0)
+            worst = max(worst, latencies[-1])
             checks += 1
             failures += not ok
             time.sleep(interval_s)
-    print(f"checks {checks} failures {failures} max_s {worst:.4f}", flush=True)
+    over = sum(t >= 1.0 for t in latencies)
+    print(f"checks {checks} failures {failures} max_s {worst:.4f} p99_s {percentile(latencies, 99):.4f} over_1s {over}", flush=True)
     return 0
 
 
@@ -970,7 +975,7 @@ def run_chaos(args: argparse.Namespace) -> int:
                 [sys.executable, __file__, "--probe-health", target, "--duration-s", str(duration_s)],
                 capture_output=True, text=True, timeout=duration_s + 60,
             )
-            m = re.search(r"checks (\d+) failures (\d+) max_s ([0-9.]+)", proc.stdout)
+            m = re.search(r"checks (\d+) failures (\d+) max_s ([0-9.]+) p99_s ([0-9.]+) over_1s (\d+)", proc.stdout)
             with stats.lock:
                 if m is None:
                     stats.health_failures += 1
@@ -978,6 +983,7 @@ def run_chaos(args: argparse.Namespace) -> int:
                 else:
                     stats.health_checks, stats.health_failures = int(m.group(1)), int(m.group(2))
                     stats.health_max_s = float(m.group(3))
+                    stats.health_p99_s, stats.health_over_1s = float(m.group(4)), int(m.group(5))
 
         def sampler() -> None:
             while not stop.is_set():
@@ -1032,7 +1038,8 @@ def run_chaos(args: argparse.Namespace) -> int:
             f"hostile calls       {sum(stats.hostile.values())}: " + ", ".join(f"{k}={n}" for k, n in sorted(stats.hostile.items()) if not k.startswith("malformed_"))
             + f", malformed={sum(n for k, n in stats.hostile.items() if k.startswith('malformed_'))}",
             f"hostile unexpected  {n_unexpected}" + (f"  {dict((k, dict(v)) for k, v in stats.hostile_unexpected.items())}" if n_unexpected else ""),
-            f"health              {stats.health_checks} checks, max {1e3 * stats.health_max_s:.0f} ms, {stats.health_failures} not SERVING or failed",
+            f"health              {stats.health_checks} checks, p99 {1e3 * stats.health_p99_s:.0f} ms, max {1e3 * stats.health_max_s:.0f} ms, "
+            f"{stats.health_over_1s} took 1 s or more, {stats.health_failures} not SERVING or failed",
             f"server RSS          baseline {mib(baseline)}, peak {mib(peak)}, budget {mib(budget)}: peak - baseline = {mib(peak - baseline)}",
         ]
         if stuck:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 import math
@@ -393,6 +394,9 @@ def serve(config: ServerConfig) -> int:
         log.info("stopped during start-up")
         _exit_now(EXIT_OK)
     running = started[0]
+    # What start-up made (torch, the Functions' modules) lives as long as the process:
+    # out of the collector's sight, full collections stay short while calls wait on them.
+    gc.freeze()
     print(f"gradserve listening on {config.host}:{running.port}", flush=True)
     stop.wait()
     if not running.stop(config.grace_period_s, config.drain_delay_s):
