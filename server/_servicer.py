@@ -264,6 +264,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         assembler = streaming.Assembler(
             header, max_tensor_bytes=self.max_tensor_bytes, max_total_bytes=self.max_request_bytes, what=header.function
         )
+        # The header is accepted: say so, so the client starts sending data only now. A refusal
+        # before this point reaches it intact (data racing a refusal makes gRPC report INTERNAL).
+        context.send_initial_metadata(((streaming.ACCEPTED_KEY, "1"),))
         for message in request_iterator:
             if message.WhichOneof("part") != "data":
                 raise codec.CodecError(f"StreamCall {header.function}: only data chunks may follow the header")
