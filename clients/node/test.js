@@ -166,6 +166,19 @@ function streamCall(kind, request, chunkBytes = 1 << 20) {
   });
 }
 
+// A StreamCall of exactly these StreamRequest messages; resolves to the replies.
+function rawStream(messages) {
+  return new Promise((resolve, reject) => {
+    const call = client.StreamCall(metadata(), callOptions());
+    const replies = [];
+    call.on('data', (m) => replies.push(m));
+    call.on('error', reject);
+    call.on('end', () => resolve(replies));
+    for (const m of messages) call.write(m);
+    call.end();
+  });
+}
+
 // google.rpc.Status from the grpc-status-details-bin trailer; the ErrorInfo in it.
 const decoders = defs['gradserve_node.Decoders'];
 function errorInfo(err) {
@@ -319,6 +332,15 @@ async function main() {
   const b = await unary(client, 'Backward', { function: 'square', handle: f.handle, version: f.version, grad_outputs: [maybe(f64Tensor(g1, [3]))] });
   check(same(f64Values(grad(b.grads[0])), [6, -4, -1]), 'Backward by handle: 2 x g');
   await expectError('Backward with a used handle', unary(client, 'Backward', { function: 'square', handle: f.handle }), 'NOT_FOUND', 'HANDLE_NOT_FOUND');
+  const f1 = await unary(client, 'Forward', { function: 'square', args: [{ tensor: f64Tensor(x3, [3], true) }], keep_graph: true });
+  await expectError(
+    'Backward by handle with a wrongly shaped cotangent',
+    unary(client, 'Backward', { function: 'square', handle: f1.handle, grad_outputs: [maybe(f64Tensor([1], [1]))] }),
+    'INVALID_ARGUMENT',
+    'INVALID_ARGUMENT',
+  );
+  const b1 = await unary(client, 'Backward', { function: 'square', handle: f1.handle });
+  check(same(f64Values(grad(b1.grads[0])), [6, -2, 1]), 'INVALID_ARGUMENT leaves the handle usable; empty grad_outputs means ones');
   let rel = await unary(client, 'ReleaseHandles', { handles: [f.handle] });
   check(rel.released === 0, 'ReleaseHandles of a used handle releases 0');
   const f2 = await unary(client, 'Forward', { function: 'square', args: [{ tensor: f64Tensor(x3, [3], true) }], keep_graph: true });
@@ -389,6 +411,18 @@ async function main() {
     'VERSION_MISMATCH',
   );
   await expectError('StreamCall unknown function', streamCall('forward', { function: 'no_such_function' }), 'NOT_FOUND', 'FUNCTION_NOT_FOUND');
+
+  // Stream framing errors, with hand-made message sequences.
+  const header = (shape, data) => ({ forward: { function: 'identity', args: [{ tensor: { dtype: FLOAT32, shape, data } }] } });
+  const four = Buffer.alloc(16);
+  await expectError('StreamCall starting with data', rawStream([{ data: four }]), 'INVALID_ARGUMENT', 'INVALID_ARGUMENT');
+  await expectError('StreamCall header carrying data', rawStream([header([4], four)]), 'INVALID_ARGUMENT', 'INVALID_ARGUMENT');
+  await expectError('StreamCall with a second header', rawStream([header([4]), header([4])]), 'INVALID_ARGUMENT', 'INVALID_ARGUMENT');
+  await expectError('StreamCall with more data than declared', rawStream([header([4]), { data: four }, { data: four }]), 'INVALID_ARGUMENT', 'INVALID_ARGUMENT');
+  await expectError('StreamCall with less data than declared', rawStream([header([4]), { data: four.subarray(0, 12) }]), 'INVALID_ARGUMENT', 'INVALID_ARGUMENT');
+  await expectError('StreamCall declaring 4 TiB', rawStream([header([2 ** 40])]), 'RESOURCE_EXHAUSTED', 'TENSOR_TOO_LARGE');
+  const ok = await rawStream([header([4]), { data: four.subarray(0, 5) }, { data: four.subarray(5) }]);
+  check(ok.length === 2 && ok[0].part === 'forward' && ok[1].data.equals(four), 'StreamCall: a tensor cut across chunks comes back whole');
 
   console.log(`\n${passes} passed, ${failures} failed in ${Date.now() - started} ms (target ${TARGET})`);
 }
