@@ -42,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="MODULE",
-        help="module that registers Functions; repeatable (default: gradserve.server.examples)",
+        help="module (dotted name, e.g. my_functions) or path of a .py file that registers Functions; "
+        "repeatable (default: gradserve.server.examples)",
     )
 
     health_p = commands.add_parser(
@@ -53,7 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     health_p.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
     _add_target(health_p)
 
-    list_p = commands.add_parser("list", help="list a server's functions")
+    list_p = commands.add_parser(
+        "list",
+        help="list a server's functions",
+        description="List the Functions a server serves (ListFunctions): name and signature, kind "
+        "(autograd.Function or callable), highest gradient order, the docstring's first paragraph, "
+        "and why a Function is unavailable when it failed the server's start-up check.",
+    )
     _add_target(list_p)
 
     call_p = commands.add_parser(
