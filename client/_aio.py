@@ -14,7 +14,7 @@ from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 from . import codec, streaming
 from ._core import WAIT_FOR_SERVER_S, ClientCore, Plan, StartupWait, malformed_reply
-from ._errors import ResourceExhaustedError, UnavailableError
+from ._errors import UnavailableError
 from ._messages import ChannelSettings, ForwardBackwardResult, FunctionInfo, Outputs
 
 __all__ = ["AsyncGradientClient"]
@@ -110,13 +110,7 @@ class AsyncGradientClient:
         options = self._core.call_options(wait)
         try:
             if plan.payloads is None:
-                try:
-                    return plan.read(await getattr(self._stub, plan.method)(plan.request, **options), None)
-                except grpc.RpcError as error:
-                    converted = self._core.error(error)
-                    if not (isinstance(converted, ResourceExhaustedError) and converted.reason == "RESPONSE_TOO_LARGE"):
-                        raise converted from None
-                    plan = plan.streamed()  # the reply needs the stream: ask again that way
+                return plan.read(await getattr(self._stub, plan.method)(plan.request, **options), None)
             call = self._stub.StreamCall(**options)
             messages = plan.stream_requests()
             try:

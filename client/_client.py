@@ -19,7 +19,7 @@ from . import _messages as m
 from . import codec, streaming
 from ._autograd import remote_call
 from ._core import WAIT_FOR_SERVER_S, ClientCore, Plan, StartupWait, malformed_reply
-from ._errors import HandleNotFoundError, ResourceExhaustedError, UnavailableError
+from ._errors import HandleNotFoundError, UnavailableError
 from ._messages import ChannelSettings, ForwardBackwardResult, FunctionInfo, Outputs
 
 __all__ = ["GradientClient"]
@@ -258,13 +258,7 @@ class GradientClient:
         options = self._core.call_options(wait)
         try:
             if plan.payloads is None:
-                try:
-                    return plan.read(getattr(self._stub, plan.method)(plan.request, **options), None)
-                except grpc.RpcError as error:
-                    converted = self._core.error(error)
-                    if not (isinstance(converted, ResourceExhaustedError) and converted.reason == "RESPONSE_TOO_LARGE"):
-                        raise converted from None
-                    plan = plan.streamed()  # the reply needs the stream: ask again that way
+                return plan.read(getattr(self._stub, plan.method)(plan.request, **options), None)
             verdict: queue.SimpleQueue[bool] = queue.SimpleQueue()
             responses = self._stub.StreamCall(_after_acceptance(plan.stream_requests(), verdict), **options)
             accepted = False

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -68,11 +68,6 @@ class Plan:
             return self.decode(response, incoming)
         except codec.CodecError as exc:
             raise malformed_reply(exc) from None
-
-    def streamed(self) -> Plan:
-        """The same call through StreamCall (for a reply over protobuf's 2 GiB, reason RESPONSE_TOO_LARGE)."""
-        payloads = m.move_data_out(self.request)
-        return replace(self, payloads=payloads)
 
     def stream_requests(self) -> Iterator[pb.StreamRequest]:
         """The StreamCall messages: the header, then the data chunks."""

@@ -357,21 +357,6 @@ def forwarded(response: pb.ForwardResponse, args: Sequence[Any], payloads: Itera
     )
 
 
-def move_data_out(request: Any) -> list[torch.Tensor]:
-    """Turn an inline request into a stream header: empty its tensors' data, return the payloads.
-
-    For a call the server refused as unary because its reply would pass 2 GiB
-    (reason RESPONSE_TOO_LARGE): it is repeated through StreamCall.
-    """
-    payloads = []
-    for slot in streaming.tensor_slots(request):
-        payloads.append(
-            torch.frombuffer(bytearray(slot.data), dtype=torch.uint8) if slot.data else torch.empty(0, dtype=torch.uint8)
-        )
-        slot.data = b""
-    return payloads
-
-
 def stream_requests(kind: str, header: Any, payloads: list[torch.Tensor]) -> Iterator[pb.StreamRequest]:
     """A StreamCall's messages: the header, then the payloads in chunks."""
     yield pb.StreamRequest(**{kind: header})

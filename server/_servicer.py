@@ -404,7 +404,8 @@ def _fits_one_message(io: _Payloads, tensors: Any) -> None:
     if total > UNARY_RESPONSE_LIMIT_BYTES:
         raise _ResponseTooLarge(
             f"{_call.function}: the reply holds {total} bytes of tensors, over the {UNARY_RESPONSE_LIMIT_BYTES} bytes "
-            "one message can carry; call again through StreamCall (gradserve clients do so on their own)"
+            "one message can carry; call through StreamCall for replies this large "
+            "(GradientClient(stream_threshold_bytes=0) streams every call)"
         )
 
 
