@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ._checks import contract_checked
+from ._contract import contract_checked
 
 __all__ = ["DEFAULT_MODULE", "ENTRY_POINT_GROUP", "RegisteredFunction", "Registry", "RegistrationError", "register", "registry"]
 
@@ -217,7 +217,7 @@ class Registry:
     def add(self, obj: Any, *, name: str | None = None, version: str | None = None, **options: Any) -> RegisteredFunction:
         """Register ``obj`` (see :meth:`register`) and return its entry.
 
-        A Function subclass is served through :func:`_checks.contract_checked`, so what
+        A Function subclass is served through :func:`_contract.contract_checked`, so what
         its backward returns is checked on every call; ``obj`` itself is unchanged.
         """
         name = name or getattr(obj, "__name__", "")
