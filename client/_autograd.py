@@ -75,9 +75,7 @@ class _Node:
         self.handle = ""
 
 
-def remote_call(
-    client: _Caller, name: str, timeout: float | None, args: Sequence[Any], kwargs: Mapping[str, Any]
-) -> Outputs:
+def remote_call(client: _Caller, name: str, timeout: float | None, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Outputs:
     """Run the remote Function ``name`` as one node of the caller's autograd graph."""
     node = _Node(client, name, timeout, "", None, len(args), tuple(kwargs), (), [], torch.is_grad_enabled())
     return RemoteFunction.apply(node, *args, *kwargs.values())

@@ -154,7 +154,7 @@ class ClientCore:
         """The GradServeError for a failed call, with a hint where a TLS mismatch is the likely cause."""
         converted = from_rpc_error(error)
         if converted.code is grpc.StatusCode.UNAVAILABLE and not converted.reason:
-            hint = _tls_hint(converted.message, self.settings.secure)
+            hint = _tls_hint(converted.message, self.settings)
             if hint:
                 return type(converted)(converted.code, f"{converted.message} ({hint})", converted.reason)
         return converted
@@ -216,13 +216,15 @@ def malformed_reply(exc: codec.CodecError) -> InternalError:
     return InternalError(grpc.StatusCode.INTERNAL, f"malformed reply from the server: {exc}", "MALFORMED_REPLY")
 
 
-def _tls_hint(message: str, secure: bool) -> str:
+def _tls_hint(message: str, settings: m.ChannelSettings) -> str:
+    """What probably went wrong when a connection fails the way a TLS mismatch makes it fail."""
     text = message.lower()
-    if secure and any(s in text for s in ("ssl", "handshake", "tls", "certificate")):
-        return (
-            "the TLS handshake failed: the server may not use TLS, may require a client certificate "
-            "(private_key= and certificate_chain=), or its certificate is not signed by root_certificates"
-        )
-    if not secure and any(s in text for s in ("socket closed", "connection reset", "end of tcp stream", "broken pipe")):
-        return "the server may use TLS: pass tls=True, or root_certificates= for a private CA"
-    return ""
+    closed = any(s in text for s in ("socket closed", "connection reset", "end of tcp stream", "broken pipe"))
+    if not settings.secure:
+        return "the server may use TLS: pass tls=True, or root_certificates= for a private CA" if closed else ""
+    if not (closed or any(s in text for s in ("ssl", "handshake", "tls", "certificate"))):
+        return ""
+    causes = ["the server may not use TLS", "its certificate may not be signed by root_certificates"]
+    if settings.private_key is None:
+        causes.insert(0, "the server may require a client certificate (private_key= and certificate_chain=)")
+    return "TLS handshake failed: " + "; ".join(causes)

@@ -214,7 +214,10 @@ def _parse_arg(text: str, dtype: Any) -> Any:
         raise SystemExit(f"gradserve call: argument {text!r} is not JSON (prefix s: for a plain string)") from None
     if scalar or value is None or isinstance(value, (bool, str)):
         return value
-    return torch.tensor(value, dtype=dtype, requires_grad=dtype.is_floating_point or dtype.is_complex)
+    try:
+        return torch.tensor(value, dtype=dtype, requires_grad=dtype.is_floating_point or dtype.is_complex)
+    except (TypeError, ValueError, RuntimeError) as exc:  # ragged lists, objects
+        raise SystemExit(f"gradserve call: argument {text!r} is not a {dtype} tensor: {exc}") from None
 
 
 def _call(client: Any, name: str, raw_args: Sequence[str], dtype_name: str) -> int:
