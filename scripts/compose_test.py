@@ -51,9 +51,8 @@ from typing import Any
 
 import grpc
 import torch
-from prometheus_client.parser import text_string_to_metric_families
-
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from gradserve.client import GradientClient
 
@@ -190,16 +189,15 @@ def base_image() -> None:
                 if path.is_file():
                     path.unlink()
         tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
-        subprocess.run(
-            [
-                *PODMAN, "import",
-                "--change", f"ENV PATH={BASE_PATH}",
-                "--change", 'CMD ["python"]',
-                "--change", f"LABEL gradserve.base-recipe={recipe}",
-                "-", BASE_IMAGE,
-            ],  # fmt: skip
-            env=ENV, stdin=tar.stdout, check=True, capture_output=True, timeout=600,
-        )  # fmt: skip
+        changes = [
+            "--change",
+            f"ENV PATH={BASE_PATH}",
+            "--change",
+            'CMD ["python"]',
+            "--change",
+            f"LABEL gradserve.base-recipe={recipe}",
+        ]
+        subprocess.run([*PODMAN, "import", *changes, "-", BASE_IMAGE], env=ENV, stdin=tar.stdout, check=True, capture_output=True)
         if tar.wait() != 0:
             raise Failed("tar of the debootstrap root failed")
     log(f"base image built in {time.monotonic() - start:.0f} s")
@@ -363,8 +361,16 @@ def state(name: str) -> str:
 
 def servers() -> list[str]:
     """The server replicas' container names, in index order."""
-    out = podman("ps", "-a", "--filter", f"label=com.docker.compose.project={PROJECT}",
-                 "--filter", "label=com.docker.compose.service=server", "--format", "{{.Names}}")  # fmt: skip
+    out = podman(
+        "ps",
+        "-a",
+        "--filter",
+        f"label=com.docker.compose.project={PROJECT}",
+        "--filter",
+        "label=com.docker.compose.service=server",
+        "--format",
+        "{{.Names}}",
+    )
     return sorted(out.split(), key=lambda n: int(n.rsplit("_", 1)[-1]))
 
 
@@ -474,7 +480,8 @@ def kill_and_recompute(checks: HealthChecks) -> None:
                 if time.monotonic() > deadline:
                     raise Failed(f"{victim} was not restarted within 60 s")
                 time.sleep(0.2)
-            log(f"{victim} restarted by its restart policy (restart count {podman('inspect', '--format', '{{.RestartCount}}', victim).strip()})")
+            count = podman("inspect", "--format", "{{.RestartCount}}", victim).strip()
+            log(f"{victim} restarted by its restart policy (restart count {count})")
             checks.wait_healthy([victim])
             grpc.channel_ready_future(raw).result(timeout=60)
             w = torch.tensor([1.0, 10.0], dtype=torch.float64)
@@ -485,8 +492,11 @@ def kill_and_recompute(checks: HealthChecks) -> None:
         raw.close()
     backwards = [(graph, code.name) for method, graph, code in recorder.calls if method == "Backward"]
     log(f"backward calls: {backwards}")
-    check(backwards == [("handle", "NOT_FOUND"), ("recompute", "OK")],
-          f"the restarted {victim} had lost the handle and the client recomputed: right gradient {x.grad.tolist()}, {y.grad.tolist()}")  # fmt: skip
+    grads = f"{x.grad.tolist()}, {y.grad.tolist()}"
+    check(
+        backwards == [("handle", "NOT_FOUND"), ("recompute", "OK")],
+        f"the restarted {victim} had lost the handle and the client recomputed: right gradient {grads}",
+    )
 
 
 class Recorder(grpc.UnaryUnaryClientInterceptor):
@@ -513,7 +523,10 @@ def image_checks(name: str) -> dict[str, str]:
     root_write = subprocess.run([*PODMAN, "exec", name, "touch", "/probe"], env=ENV, capture_output=True, text=True)
     tmp_write = subprocess.run([*PODMAN, "exec", name, "touch", "/tmp/probe"], env=ENV, capture_output=True, text=True)
     check(
-        read_only == "true" and root_write.returncode != 0 and "Read-only file system" in root_write.stderr and tmp_write.returncode == 0,
+        read_only == "true"
+        and root_write.returncode != 0
+        and "Read-only file system" in root_write.stderr
+        and tmp_write.returncode == 0,
         f"{name} serves with a read-only root filesystem (writing / fails: {root_write.stderr.strip()}; /tmp is a tmpfs)",
     )
     return {"uid": uid, "read_only": "yes"}
@@ -522,7 +535,9 @@ def image_checks(name: str) -> dict[str, str]:
 def teardown() -> None:
     step("7. teardown")
     if SOCKET.exists():
-        rc = stream(compose("down", "--volumes", "--remove-orphans", "-t", "10", replicas_file=True), prefix="  down |", timeout=300)
+        rc = stream(
+            compose("down", "--volumes", "--remove-orphans", "-t", "10", replicas_file=True), prefix="  down |", timeout=300
+        )
         log(f"docker-compose down exited {rc}")
     left = podman("ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}", check_rc=False).split()
     if left:
@@ -536,11 +551,17 @@ def teardown() -> None:
 
 
 def main() -> int:
-    missing = [tool for tool in ("podman", "runc", "debootstrap", "docker-compose", "catatonit") if shutil.which(tool) is None
-               and not Path("/usr/libexec/podman", tool).exists()]  # fmt: skip
+    missing = [
+        tool
+        for tool in ("podman", "runc", "debootstrap", "docker-compose", "catatonit")
+        if shutil.which(tool) is None and not Path("/usr/libexec/podman", tool).exists()
+    ]
     if missing:
-        print(f"compose-test needs {', '.join(missing)}: apt-get install podman runc debootstrap docker-compose "
-              "netavark aardvark-dns catatonit (.ci/run does)", file=sys.stderr)  # fmt: skip
+        print(
+            f"compose-test needs {', '.join(missing)}: apt-get install podman runc debootstrap docker-compose "
+            "netavark aardvark-dns catatonit (.ci/run does)",
+            file=sys.stderr,
+        )
         return 2
     if os.geteuid() != 0:
         print("compose-test runs Podman as root (debootstrap and rootful networks): run it as root", file=sys.stderr)
@@ -575,17 +596,28 @@ def main() -> int:
 
                 step("3. docker-compose -f docker-compose.cpu.yml --profile test up --exit-code-from tests")
                 start = time.monotonic()
-                rc = stream(
-                    ["docker-compose", "-f", str(COMPOSE_FILE), "--profile", "test", "up", "--no-build", "--exit-code-from", "tests"],
-                    prefix="  up |", timeout=1800,
-                )  # fmt: skip
+                up = [
+                    "docker-compose",
+                    "-f",
+                    str(COMPOSE_FILE),
+                    "--profile",
+                    "test",
+                    "up",
+                    "--no-build",
+                    "--exit-code-from",
+                    "tests",
+                ]
+                rc = stream(up, prefix="  up |", timeout=1800)
                 check(rc == 0, f"the integration suite passed in the compose network ({time.monotonic() - start:.0f} s)")
                 healthy = [v for k, v in checks.healthy_after_s.items() if "_server_" in k]
                 summary["time to healthy"] = f"{healthy[0]:.1f} s (one replica, from container start)" if healthy else "?"
 
                 step(f"4. {REPLICAS} replicas; the suite on dns:///server:50051 with round_robin")
-                rc = stream(compose("up", "-d", "--no-build", "--scale", f"server={REPLICAS}", "server", replicas_file=True),
-                            prefix="  up |", timeout=300)  # fmt: skip
+                rc = stream(
+                    compose("up", "-d", "--no-build", "--scale", f"server={REPLICAS}", "server", replicas_file=True),
+                    prefix="  up |",
+                    timeout=300,
+                )
                 check(rc == 0, f"{REPLICAS} server replicas started")
                 names = servers()
                 checks.wait_healthy(names)
@@ -594,10 +626,9 @@ def main() -> int:
                 summary["time to healthy, 3 replicas at once"] = ", ".join(times)
                 summary.update(image_checks(names[0]))
                 before = {n: total(metrics(n), "gradserve_requests_total") for n in names}
-                rc = stream(
-                    compose("run", "--rm", "--no-deps", "-e", f"GRADSERVE_EXPECT_REPLICAS={REPLICAS}", "tests", replicas_file=True),
-                    prefix="  tests |", timeout=1800,
-                )  # fmt: skip
+                expect = f"GRADSERVE_EXPECT_REPLICAS={REPLICAS}"
+                suite = compose("run", "--rm", "--no-deps", "-e", expect, "tests", replicas_file=True)
+                rc = stream(suite, prefix="  tests |", timeout=1800)
                 check(rc == 0, f"the integration suite passed against {REPLICAS} replicas behind dns:///server:50051")
                 served = {n: total(metrics(n), "gradserve_requests_total") - before[n] for n in names}
                 for n in names:
@@ -608,8 +639,11 @@ def main() -> int:
                 drain()
 
                 step("6. kill -9 a replica's server process")
-                rc = stream(compose("up", "-d", "--no-build", "--scale", f"server={REPLICAS}", "server", replicas_file=True),
-                            prefix="  up |", timeout=300)  # fmt: skip
+                rc = stream(
+                    compose("up", "-d", "--no-build", "--scale", f"server={REPLICAS}", "server", replicas_file=True),
+                    prefix="  up |",
+                    timeout=300,
+                )
                 checks.wait_healthy(servers())
                 kill_and_recompute(checks)
                 status = 0

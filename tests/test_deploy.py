@@ -92,7 +92,8 @@ def test_compose_ports_for_scaled_replicas(docker_compose: str, stack: str) -> N
 @pytest.mark.parametrize("stack", sorted(COMPOSE))
 def test_compose_empty_host_ports_mean_any_free_port(docker_compose: str, stack: str) -> None:
     """What make compose-test sets for Podman, which takes no host port ranges."""
-    result = _compose(docker_compose, stack, "test", "config", env={"GRADSERVE_HOST_GRPC_PORT": "", "GRADSERVE_HOST_METRICS_PORT": ""})
+    empty = {"GRADSERVE_HOST_GRPC_PORT": "", "GRADSERVE_HOST_METRICS_PORT": ""}
+    result = _compose(docker_compose, stack, "test", "config", env=empty)
     assert result.returncode == 0, result.stderr
     ports = [str(p) for p in yaml.safe_load(result.stdout)["services"]["server"]["ports"]]
     assert ports == ["127.0.0.1::50051/tcp", "127.0.0.1::9464/tcp"]

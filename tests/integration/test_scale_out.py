@@ -172,10 +172,7 @@ def _served(address: str) -> float:
     with urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=10) as reply:
         text = reply.read().decode()
     return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "gradserve_requests_total"
+        s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == "gradserve_requests_total"
     )
 
 
