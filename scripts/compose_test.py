@@ -566,6 +566,9 @@ def main() -> int:
     if os.geteuid() != 0:
         print("compose-test runs Podman as root (debootstrap and rootful networks): run it as root", file=sys.stderr)
         return 2
+    # SIGTERM (a CI timeout) unwinds like Ctrl-C, through the teardown. The Podman service
+    # runs in a session of its own, so a terminal's Ctrl-C reaches only this script.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     lock = open(CACHE / "lock", "w")  # noqa: SIM115
     try:
