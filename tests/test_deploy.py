@@ -144,10 +144,11 @@ def test_compose_default_functions_serve_the_readme_example_pasted_into_function
 ) -> None:
     """README's my_functions.py in ./functions: compose's default GRADSERVE_FUNCTIONS loads it."""
     modules = config[stack]["services"]["server"]["environment"]["GRADSERVE_FUNCTIONS"].split(",")
-    (tmp_path / "my_functions.py").write_text(_readme_functions_module())
+    readme = _readme_functions_module()
+    (tmp_path / "my_functions.py").write_text(readme)
     result = _load_functions(modules, tmp_path)
     assert result.returncode == 0, result.stderr
-    assert set(result.stdout.strip().split(",")) == {"cube_plus_square", "scale"}
+    assert set(result.stdout.strip().split(",")) == set(re.findall(r'@register\("(\w+)"', readme))
     # The shipped example serves the built-in examples (the integration suite calls them) and swish.
     result = _load_functions(modules, ROOT / "functions")
     assert result.returncode == 0, result.stderr
@@ -155,7 +156,11 @@ def test_compose_default_functions_serve_the_readme_example_pasted_into_function
 
 
 def test_a_name_registered_twice_says_how_to_fix_it(tmp_path: Path) -> None:
-    (tmp_path / "my_functions.py").write_text(_readme_functions_module())
+    """A user module reusing a built-in example's name, loaded beside the examples."""
+    (tmp_path / "my_functions.py").write_text(
+        "import torch\nfrom gradserve.server import register\n\n"
+        "@register('cube_plus_square')\ndef cube_plus_square(x, y):\n    return x**3 + y**2\n"
+    )
     result = _load_functions(["gradserve.server.examples", "my_functions"], tmp_path)
     assert result.returncode != 0
     assert "'cube_plus_square' registered twice" in result.stderr
