@@ -247,7 +247,11 @@ class Registry:
             if existing.origin == entry.origin:  # the same object re-imported (importlib.reload)
                 self._functions[name] = entry
                 return entry
-            raise RegistrationError(f"function name {name!r} registered twice: by {existing.origin} and by {entry.origin}")
+            raise RegistrationError(
+                f"function name {name!r} registered twice: by {existing.origin} and by {entry.origin}. "
+                'Names must be unique: rename one (@register("another_name")), or stop loading one of the '
+                "two modules (drop it from --functions / GRADSERVE_FUNCTIONS, or do not import it)"
+            )
         self._functions[name] = entry
         return entry
 
