@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test serve protos clean
+.PHONY: venv demo test compose-test serve protos clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,12 @@ demo: $(STAMP)  ## start a server, run the seed examples and the digits example,
 
 test: $(STAMP)  ## the whole suite
 	$(PY) -m pytest -q
+
+# Root, Debian 12, with podman runc debootstrap docker-compose netavark aardvark-dns
+# catatonit (.ci/run installs them). Caches the base image and wheelhouse in
+# ~/.cache/gradserve-compose (GRADSERVE_COMPOSE_CACHE). See README.md, "Deploy".
+compose-test: $(STAMP)  ## build the images, run the integration suite through docker-compose on Podman
+	$(PY) scripts/compose_test.py
 
 serve: $(STAMP)  ## serve the built-in examples on 127.0.0.1:50051 (Ctrl-C to stop)
 	$(VENV)/bin/gradserve serve

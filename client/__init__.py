@@ -15,6 +15,7 @@ Example::
 from ._aio import AsyncGradientClient
 from ._client import GradientClient
 from ._errors import (
+    ArgumentError,
     CancelledError,
     DeadlineExceededError,
     FunctionFailedError,
@@ -32,6 +33,7 @@ from ._errors import (
 from ._messages import ForwardBackwardResult, FunctionInfo
 
 __all__ = [
+    "ArgumentError",
     "AsyncGradientClient",
     "CancelledError",
     "DeadlineExceededError",

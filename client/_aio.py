@@ -1,4 +1,4 @@
-"""``AsyncGradientClient``: the client for asyncio code (grpc.aio), with the same calls as ``GradientClient``."""
+"""``AsyncGradientClient``: the asyncio face (grpc.aio) of the client core, with the same calls as ``GradientClient``."""
 
 from __future__ import annotations
 
@@ -10,28 +10,25 @@ import grpc
 import grpc.aio
 import torch
 
-from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
-from . import _messages as m
-from . import streaming
-from ._client import GradientClient
-from ._errors import ResourceExhaustedError, from_rpc_error
+from . import codec, streaming
+from ._core import WAIT_FOR_SERVER_S, ClientCore, Plan, StartupWait, malformed_reply
+from ._errors import UnavailableError
 from ._messages import ChannelSettings, ForwardBackwardResult, FunctionInfo, Outputs
 
 __all__ = ["AsyncGradientClient"]
-
-_UNARY = {"forward": "Forward", "forward_backward": "ForwardBackward"}
 
 
 class AsyncGradientClient:
     """Async client of a gradserve server: ``await client.forward_backward(...)``.
 
-    Parameters, devices, dtypes and errors are those of
-    :class:`gradserve.client.GradientClient`. It offers ``list_functions``,
-    ``forward`` and ``forward_backward``; ``function`` (the differentiable step) needs
-    torch's synchronous ``backward`` and lives on the sync client only. Use it as
-    ``async with AsyncGradientClient(target) as client:``, inside a running event loop.
+    Parameters, devices, dtypes, errors, retries and waiting for a starting server are
+    those of :class:`gradserve.client.GradientClient`; both are faces of one core. It
+    offers ``list_functions``, ``forward`` and ``forward_backward``; ``function`` (the
+    differentiable step) needs torch's synchronous ``backward`` and lives on the sync
+    client only. Use it as ``async with AsyncGradientClient(target) as client:``, inside
+    a running event loop.
     """
 
     def __init__(
@@ -46,20 +43,27 @@ class AsyncGradientClient:
         token: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
         stream_threshold_bytes: int = streaming.CHUNK_BYTES,
+        wait_for_server_s: float = WAIT_FOR_SERVER_S,
     ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self.stream_threshold_bytes = stream_threshold_bytes
-        self._settings = ChannelSettings(tls, root_certificates, private_key, certificate_chain, token, options)
-        self._channel = self._settings.open_channel(target, grpc.aio)
+        settings = ChannelSettings(tls, root_certificates, private_key, certificate_chain, token, options)
+        self._core = ClientCore(
+            target,
+            timeout=timeout,
+            settings=settings,
+            stream_threshold_bytes=stream_threshold_bytes,
+            wait_for_server_s=wait_for_server_s,
+        )
+        self._channel = settings.open_channel(target, grpc.aio)
         self._stub = pb_grpc.GradientServiceStub(self._channel)
-        self._sync: GradientClient | None = None
+
+    @property
+    def target(self) -> str:
+        """The gRPC target this client calls."""
+        return self._core.target
 
     async def close(self) -> None:
-        """Close the channels; calls in flight are cancelled."""
+        """Close the channel; calls in flight are cancelled."""
         await self._channel.close()
-        if self._sync is not None:
-            self._sync.close()
 
     async def __aenter__(self) -> AsyncGradientClient:
         return self
@@ -69,14 +73,11 @@ class AsyncGradientClient:
 
     async def list_functions(self, *, timeout: float | None = None) -> list[FunctionInfo]:
         """As :meth:`GradientClient.list_functions`."""
-        return m.function_infos(await self._call(self._stub.ListFunctions, pb.ListFunctionsRequest(), timeout))
+        return await self._run(self._core.list_functions(), timeout)
 
     async def forward(self, name: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Outputs:
         """As :meth:`GradientClient.forward`."""
-        payloads = m.payload_list(self.stream_threshold_bytes, args, kwargs.values())
-        request = m.forward_request(name, args, kwargs, payloads)
-        response, incoming = await self._invoke("forward", request, payloads, timeout)
-        return m.decode_outputs(response.outputs, response.returns_tuple, args, incoming)
+        return await self._run(self._core.forward(name, args, kwargs), timeout)
 
     async def forward_backward(
         self,
@@ -87,45 +88,46 @@ class AsyncGradientClient:
         **kwargs: Any,
     ) -> ForwardBackwardResult:
         """As :meth:`GradientClient.forward_backward`."""
-        grad_outputs = m.as_grad_outputs(grad_outputs)
-        payloads = m.payload_list(self.stream_threshold_bytes, args, grad_outputs, kwargs.values())
-        request = m.forward_backward_request(name, args, kwargs, grad_outputs, payloads)
-        response, incoming = await self._invoke("forward_backward", request, payloads, timeout)
-        return m.forward_backward_result(response, [*args, *kwargs.values()], incoming)
+        return await self._run(self._core.forward_backward(name, args, kwargs, grad_outputs), timeout)
 
-    async def _invoke(
-        self, kind: str, request: Any, payloads: list[torch.Tensor] | None, timeout: float | None
-    ) -> tuple[Any, Any]:
-        if payloads is None:
+    # -- I/O -----------------------------------------------------------------------------
+
+    async def _run(self, plan: Plan, timeout: float | None) -> Any:
+        """As ``GradientClient._run``, awaiting."""
+        wait = self._core.startup_wait(timeout)
+        while True:
             try:
-                return await self._call(getattr(self._stub, _UNARY[kind]), request, timeout), None
-            except ResourceExhaustedError as error:
-                if error.reason != "RESPONSE_TOO_LARGE":
-                    raise
-                payloads = m.move_data_out(request)  # the reply needs the stream: ask again that way
-        # Streamed calls run on the sync client in a worker thread: grpc.aio turns a server's
-        # early refusal of an upload into "INTERNAL: Internal error from Core" when a write
-        # races it, and a large transfer does not miss the event loop's thread.
-        return await asyncio.to_thread(self._streaming_client()._invoke, kind, request, payloads, timeout)
+                return await self._attempt(plan, wait)
+            except UnavailableError as error:
+                await asyncio.sleep(wait.retry_after(error))
 
-    def _streaming_client(self) -> GradientClient:
-        if self._sync is None:
-            s = self._settings
-            self._sync = GradientClient(
-                self.target,
-                timeout=self.timeout,
-                tls=s.tls,
-                root_certificates=s.root_certificates,
-                private_key=s.private_key,
-                certificate_chain=s.certificate_chain,
-                token=s.token,
-                options=s.options,
-                stream_threshold_bytes=self.stream_threshold_bytes,
-            )
-        return self._sync
-
-    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+    async def _attempt(self, plan: Plan, wait: StartupWait) -> Any:
+        if self._channel.get_state(try_to_connect=True) is not grpc.ChannelConnectivity.READY:
+            try:  # a server that is starting: wait for it, within the deadline or wait_for_server_s
+                await asyncio.wait_for(self._channel.channel_ready(), wait.until_give_up())
+            except asyncio.TimeoutError:
+                pass  # call anyway: it fails fast, with the connection's own error
+        options = self._core.call_options(wait)
         try:
-            return await method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._settings.metadata())
+            if plan.payloads is None:
+                return plan.read(await getattr(self._stub, plan.method)(plan.request, **options), None)
+            call = self._stub.StreamCall(**options)
+            messages = plan.stream_requests()
+            try:
+                await call.write(next(messages))
+                # Data only once the server accepted the header (its initial metadata): data racing
+                # a refusal makes grpc.aio report "INTERNAL: Internal error from Core" instead.
+                if streaming.accepted(await call.initial_metadata()):
+                    for message in messages:
+                        await call.write(message)
+                    await call.done_writing()
+            except asyncio.InvalidStateError:
+                pass  # the call ended early: its status is read below
+            header, assembler = plan.read_stream(await call.read())
+            while (message := await call.read()) is not grpc.aio.EOF:
+                assembler.feed(message.data)
+            return plan.read(header, assembler.payloads())
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            raise self._core.error(error) from None
+        except codec.CodecError as exc:  # the stream's framing broke the contract
+            raise malformed_reply(exc) from None

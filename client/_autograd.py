@@ -15,16 +15,32 @@ import dataclasses
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from gradserve.v1 import gradserve_pb2 as pb
 
-from ._messages import BackwardStep, Outputs
+from ._messages import BackwardReply, BackwardStep, Forwarded, Outputs
 
-if TYPE_CHECKING:
-    from ._client import GradientClient
+
+class _Caller(Protocol):
+    """What the bridge needs of a client (``GradientClient``'s private calls)."""
+
+    def _forward_keep(
+        self,
+        name: str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        requires_grad: Sequence[bool],
+        grad_enabled: bool,
+        timeout: float | None,
+    ) -> Forwarded: ...
+
+    def _backward(self, step: BackwardStep, timeout: float | None) -> BackwardReply: ...
+
+    def _release(self, handle: str) -> None: ...
+
 
 __all__ = ["RemoteFunction", "RemoteGradient", "remote_call"]
 
@@ -33,7 +49,7 @@ __all__ = ["RemoteFunction", "RemoteGradient", "remote_call"]
 class _Node:
     """What a node's backward needs: the call's identity, the graph's shape, and its handle on the server."""
 
-    client: GradientClient
+    client: _Caller
     name: str
     timeout: float | None
     version: str
@@ -59,9 +75,7 @@ class _Node:
         self.handle = ""
 
 
-def remote_call(
-    client: GradientClient, name: str, timeout: float | None, args: Sequence[Any], kwargs: Mapping[str, Any]
-) -> Outputs:
+def remote_call(client: _Caller, name: str, timeout: float | None, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Outputs:
     """Run the remote Function ``name`` as one node of the caller's autograd graph."""
     node = _Node(client, name, timeout, "", None, len(args), tuple(kwargs), (), [], torch.is_grad_enabled())
     return RemoteFunction.apply(node, *args, *kwargs.values())

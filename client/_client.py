@@ -1,27 +1,30 @@
-"""``GradientClient``: outputs and gradients of remote autograd Functions."""
+"""``GradientClient``: outputs and gradients of remote autograd Functions (the synchronous face of the client core)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import queue
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
 import torch
+from grpc._cython import cygrpc
 
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 from . import _messages as m
-from . import streaming
-from ._errors import HandleNotFoundError, ResourceExhaustedError, from_rpc_error
-from ._messages import ChannelSettings, ForwardBackwardResult, Forwarded, FunctionInfo, Outputs
+from . import codec, streaming
+from ._autograd import remote_call
+from ._core import WAIT_FOR_SERVER_S, ClientCore, Plan, StartupWait, malformed_reply
+from ._errors import HandleNotFoundError, UnavailableError
+from ._messages import ChannelSettings, ForwardBackwardResult, FunctionInfo, Outputs
 
 __all__ = ["GradientClient"]
 
 log = logging.getLogger(__name__)
-
-_UNARY = {"forward": "Forward", "backward": "Backward", "forward_backward": "ForwardBackward"}
 
 
 class GradientClient:
@@ -50,15 +53,24 @@ class GradientClient:
         Calls whose tensors total more than this many bytes go through the chunked
         ``StreamCall`` RPC (no size ceiling, about one copy of memory per side);
         smaller ones are single messages. Default 1 MiB.
+    wait_for_server_s
+        A call without a deadline waits this many seconds at most for a server that
+        is not reachable yet or still loading its Functions (``make serve`` and a
+        script started together just work). With a deadline, the deadline bounds it.
+        Default 60.
 
     Tensors may come on any device and in any supported dtype; outputs come back on
     the device of the first tensor argument (CPU when there is none) and gradients on
     their argument's device and dtype.
 
     Errors: every method raises :class:`gradserve.client.GradServeError` subclasses
-    for failed calls (``.code`` is a ``grpc.StatusCode``) and
-    :class:`gradserve.client.codec.CodecError` (a ValueError) for arguments that
-    cannot be encoded, before anything is sent.
+    (``.code`` is a ``grpc.StatusCode``), :class:`gradserve.client.ArgumentError` (also a
+    ValueError) for arguments that cannot be encoded, before anything is sent.
+
+    At most once: a call is sent again only when the server answered that it never
+    started it (UNAVAILABLE, reason LOADING); gRPC's retry policy is off. Keepalive
+    pings every 30 s keep idle connections through NAT and load balancers (servers
+    accept one every 10 s or more).
     """
 
     def __init__(
@@ -74,15 +86,30 @@ class GradientClient:
         options: Sequence[tuple[str, Any]] = (),
         channel: grpc.Channel | None = None,
         stream_threshold_bytes: int = streaming.CHUNK_BYTES,
+        wait_for_server_s: float = WAIT_FOR_SERVER_S,
     ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self.stream_threshold_bytes = stream_threshold_bytes
-        self._settings = ChannelSettings(tls, root_certificates, private_key, certificate_chain, token, options)
+        settings = ChannelSettings(tls, root_certificates, private_key, certificate_chain, token, options)
+        self._core = ClientCore(
+            target,
+            timeout=timeout,
+            settings=settings,
+            stream_threshold_bytes=stream_threshold_bytes,
+            wait_for_server_s=wait_for_server_s,
+        )
         self._owns_channel = channel is None
-        self._channel = channel or self._settings.open_channel(target, grpc)
+        self._channel = channel or settings.open_channel(target, grpc)
         self._stub = pb_grpc.GradientServiceStub(self._channel)
         self._releasing: set[grpc.Future] = set()
+
+    @property
+    def target(self) -> str:
+        """The gRPC target this client calls."""
+        return self._core.target
+
+    @property
+    def timeout(self) -> float | None:
+        """Default deadline of every call, in seconds (None: none)."""
+        return self._core.timeout
 
     def close(self) -> None:
         """Close the channel (if this client opened it). Calls in flight are cancelled."""
@@ -99,7 +126,7 @@ class GradientClient:
 
     def list_functions(self, *, timeout: float | None = None) -> list[FunctionInfo]:
         """The Functions the server serves, sorted by name."""
-        return m.function_infos(self._call(self._stub.ListFunctions, pb.ListFunctionsRequest(), timeout))
+        return self._run(self._core.list_functions(), timeout)
 
     def forward(self, name: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Outputs:
         """Run the Function's forward on the server; no graph is kept.
@@ -121,9 +148,7 @@ class GradientClient:
             Shaped like the Function's return; on the first tensor argument's device;
             detached (use :meth:`function` to join your autograd graph).
         """
-        payloads = self._payloads(args, kwargs.values())
-        response, incoming = self._invoke("forward", m.forward_request(name, args, kwargs, payloads), payloads, timeout)
-        return m.decode_outputs(response.outputs, response.returns_tuple, args, incoming)
+        return self._run(self._core.forward(name, args, kwargs), timeout)
 
     def forward_backward(
         self,
@@ -151,11 +176,7 @@ class GradientClient:
         ForwardBackwardResult
             ``.outputs`` as :meth:`forward`; ``.grads`` aligned with ``args``.
         """
-        grad_outputs = m.as_grad_outputs(grad_outputs)
-        payloads = self._payloads(args, grad_outputs, kwargs.values())
-        request = m.forward_backward_request(name, args, kwargs, grad_outputs, payloads)
-        response, incoming = self._invoke("forward_backward", request, payloads, timeout)
-        return m.forward_backward_result(response, [*args, *kwargs.values()], incoming)
+        return self._run(self._core.forward_backward(name, args, kwargs, grad_outputs), timeout)
 
     def function(self, name: str, *, timeout: float | None = None) -> Callable[..., Outputs]:
         """A callable running the remote Function as one differentiable step of your graph.
@@ -175,7 +196,6 @@ class GradientClient:
         MAML. A Function class not registered with ``double_backward=True`` refuses
         it with :class:`FunctionFailedError` (reason DOUBLE_BACKWARD_UNSUPPORTED).
         """
-        from ._autograd import remote_call
 
         def call(*args: Any, **kwargs: Any) -> Outputs:
             return remote_call(self, name, timeout, args, kwargs)
@@ -194,60 +214,23 @@ class GradientClient:
         requires_grad: Sequence[bool],
         grad_enabled: bool,
         timeout: float | None,
-    ) -> Forwarded:
-        payloads = self._payloads(args, kwargs.values())
-        request = m.forward_request(name, args, kwargs, payloads, requires_grad, grad_enabled)
-        response, incoming = self._invoke("forward", request, payloads, timeout)
-        return m.forwarded(response, args, incoming)
+    ) -> m.Forwarded:
+        return self._run(self._core.forward_keep(name, args, kwargs, requires_grad, grad_enabled), timeout)
 
     def _backward(self, step: m.BackwardStep, timeout: float | None) -> m.BackwardReply:
-        """One remote backward of the autograd bridge: by handle, else by recompute."""
+        """One remote backward of the autograd bridge: by handle, else (or when it is gone) by recompute."""
         if step.handle:
-            payloads = self._payloads(step.grad_outputs)
-            request = m.backward_by_handle(step, payloads)
             try:
-                response, incoming = self._invoke("backward", request, payloads, timeout)
-                return m.backward_reply(response, step.inputs, incoming)
+                return self._run(self._core.backward(step, by_handle=True), timeout)
             except HandleNotFoundError:
                 pass  # the graph is gone: recompute below, the caller sees no error
-        payloads = self._payloads(step.inputs, step.grad_outputs)
-        request = m.backward_by_recompute(step, payloads)
-        response, incoming = self._invoke("backward", request, payloads, timeout)
-        return m.backward_reply(response, step.inputs, incoming)
-
-    def _payloads(self, *groups: Sequence[Any]) -> list[torch.Tensor] | None:
-        return m.payload_list(self.stream_threshold_bytes, *groups)
-
-    def _invoke(self, kind: str, request: Any, payloads: list[torch.Tensor] | None, timeout: float | None) -> tuple[Any, Any]:
-        """Send ``request`` unary, or streamed when ``payloads`` holds its tensor bytes.
-
-        Returns the response and, for a streamed call, an iterator of the response's tensor bytes.
-        """
-        if payloads is None:
-            try:
-                return self._call(getattr(self._stub, _UNARY[kind]), request, timeout), None
-            except ResourceExhaustedError as error:
-                if error.reason != "RESPONSE_TOO_LARGE":
-                    raise
-                payloads = m.move_data_out(request)  # the reply needs the stream: ask again that way
-        try:
-            responses = self._stub.StreamCall(
-                m.stream_requests(kind, request, payloads),
-                timeout=self.timeout if timeout is None else timeout,
-                metadata=self._settings.metadata(),
-            )
-            header, assembler = m.read_stream_header(next(responses, None), kind)
-            for message in responses:
-                assembler.feed(message.data)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        return header, assembler.payloads()
+        return self._run(self._core.backward(step, by_handle=False), timeout)
 
     def _release(self, handle: str) -> None:
         """Free a kept graph without waiting; safe from a finalizer and if the client is closed."""
         try:
             future = self._stub.ReleaseHandles.future(
-                pb.ReleaseHandlesRequest(handles=[handle]), timeout=5, metadata=self._settings.metadata()
+                pb.ReleaseHandlesRequest(handles=[handle]), timeout=5, metadata=self._core.settings.metadata()
             )
             # gRPC cancels a call whose future is garbage-collected: hold it until done.
             self._releasing.add(future)
@@ -255,8 +238,52 @@ class GradientClient:
         except Exception as exc:  # noqa: BLE001 - best effort: the server's TTL frees it anyway
             log.debug("could not release graph handle: %s", exc)
 
-    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+    # -- I/O -----------------------------------------------------------------------------
+
+    def _run(self, plan: Plan, timeout: float | None) -> Any:
+        """Make the call; again only while the server says it has not started (see ClientCore)."""
+        wait = self._core.startup_wait(timeout)
+        while True:
+            try:
+                return self._attempt(plan, wait)
+            except UnavailableError as error:
+                time.sleep(wait.retry_after(error))
+
+    def _attempt(self, plan: Plan, wait: StartupWait) -> Any:
+        if not self._connected():
+            try:  # a server that is starting: wait for it, within the deadline or wait_for_server_s
+                grpc.channel_ready_future(self._channel).result(timeout=wait.until_give_up())
+            except grpc.FutureTimeoutError:
+                pass  # call anyway: it fails fast, with the connection's own error
+        options = self._core.call_options(wait)
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._settings.metadata())
+            if plan.payloads is None:
+                return plan.read(getattr(self._stub, plan.method)(plan.request, **options), None)
+            verdict: queue.SimpleQueue[bool] = queue.SimpleQueue()
+            responses = self._stub.StreamCall(_after_acceptance(plan.stream_requests(), verdict), **options)
+            accepted = False
+            try:
+                accepted = streaming.accepted(responses.initial_metadata())  # blocks until accepted or refused
+            finally:
+                verdict.put(accepted)
+            header, assembler = plan.read_stream(next(responses, None))
+            for message in responses:
+                assembler.feed(message.data)
+            return plan.read(header, assembler.payloads())
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            raise self._core.error(error) from None
+        except codec.CodecError as exc:  # the stream's framing broke the contract
+            raise malformed_reply(exc) from None
+
+    def _connected(self) -> bool:
+        """Whether the channel is READY, asked without side effects (grpc.Channel has no public
+        getter; ``subscribe`` would leave a polling thread that errors when the channel closes)."""
+        check = getattr(getattr(self._channel, "_channel", None), "check_connectivity_state", None)
+        return check is not None and check(False) == cygrpc.ConnectivityState.ready
+
+
+def _after_acceptance(messages: Iterator[pb.StreamRequest], verdict: queue.SimpleQueue[bool]) -> Iterator[pb.StreamRequest]:
+    """The header, then the data chunks only if the server accepted the header (streaming.ACCEPTED_KEY)."""
+    yield next(messages)
+    if verdict.get():
+        yield from messages

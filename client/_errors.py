@@ -7,6 +7,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 __all__ = [
+    "ArgumentError",
     "CancelledError",
     "DeadlineExceededError",
     "FunctionFailedError",
@@ -58,6 +59,11 @@ class HandleNotFoundError(NotFoundError):
 
 class InvalidArgumentError(GradServeError):
     """INVALID_ARGUMENT: argument count, tensor encoding or grad_outputs do not match."""
+
+
+class ArgumentError(InvalidArgumentError, ValueError):
+    """INVALID_ARGUMENT raised by the client itself: an argument it cannot encode (an unsupported
+    type or dtype, a numpy object array), found before anything is sent. Also a ValueError."""
 
 
 class ResourceExhaustedError(GradServeError):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,27 +17,20 @@ __all__ = ["ChannelSettings", "ForwardBackwardResult", "FunctionInfo", "Outputs"
 
 Outputs = torch.Tensor | tuple[torch.Tensor, ...]
 
-# A server restarting (a rolling update, a crash) is UNAVAILABLE for a moment: retry
-# then, with gRPC's own retry policy, and reconnect quickly. Limits on sizes are the
-# server's to enforce, so the client sets none of its own.
-_SERVICE_CONFIG = {
-    "methodConfig": [
-        {
-            "name": [{"service": "gradserve.v1.GradientService"}],
-            "retryPolicy": {
-                "maxAttempts": 5,
-                "initialBackoff": "0.1s",
-                "maxBackoff": "2s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }
-    ]
-}
+# No gRPC retry policy: it re-sent calls the server had already started once a connection
+# dropped (a Function ran several times), and on streamed calls it aborts the process in
+# gRPC core (shared/findings/grpc_retry_stream_abort.py). The client core retries only what
+# the server says never started. Keepalive pings every 30 s keep idle connections alive
+# through NAT and load balancers; gradserve servers accept one every 10 s or more. Limits
+# on sizes are the server's to enforce, so the client sets none of its own.
 _DEFAULT_OPTIONS: dict[str, Any] = {
     "grpc.max_receive_message_length": -1,
     "grpc.max_send_message_length": -1,
-    "grpc.service_config": json.dumps(_SERVICE_CONFIG),
+    "grpc.enable_retries": 0,
+    "grpc.keepalive_time_ms": 30_000,
+    "grpc.keepalive_timeout_ms": 10_000,
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.http2.max_pings_without_data": 0,
     "grpc.initial_reconnect_backoff_ms": 100,
     "grpc.max_reconnect_backoff_ms": 2000,
 }
@@ -58,9 +50,9 @@ class ChannelSettings:
     token : str or None
         Sent as ``authorization: Bearer <token>`` on every call.
     options : sequence of (str, Any)
-        gRPC channel options, overriding the defaults (no client-side size limit;
-        retry on UNAVAILABLE up to 5 attempts with 0.1-2 s backoff; reconnect
-        backoff 0.1-2 s).
+        gRPC channel options, overriding the defaults (no client-side size limit; no
+        gRPC retry policy; keepalive pings every 30 s, also on idle connections;
+        reconnect backoff 0.1-2 s).
     """
 
     tls: bool = False
@@ -363,21 +355,6 @@ def forwarded(response: pb.ForwardResponse, args: Sequence[Any], payloads: Itera
         version=response.version,
         rng=response.rng if response.HasField("rng") else None,
     )
-
-
-def move_data_out(request: Any) -> list[torch.Tensor]:
-    """Turn an inline request into a stream header: empty its tensors' data, return the payloads.
-
-    For a call the server refused as unary because its reply would pass 2 GiB
-    (reason RESPONSE_TOO_LARGE): it is repeated through StreamCall.
-    """
-    payloads = []
-    for slot in streaming.tensor_slots(request):
-        payloads.append(
-            torch.frombuffer(bytearray(slot.data), dtype=torch.uint8) if slot.data else torch.empty(0, dtype=torch.uint8)
-        )
-        slot.data = b""
-    return payloads
 
 
 def stream_requests(kind: str, header: Any, payloads: list[torch.Tensor]) -> Iterator[pb.StreamRequest]:

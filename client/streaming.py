@@ -15,6 +15,7 @@ buffer the decoded tensor then uses without a further copy.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,10 +25,21 @@ from gradserve.v1 import gradserve_pb2 as pb
 
 from . import codec
 
-__all__ = ["CHUNK_BYTES", "Assembler", "chunks", "tensor_slots"]
+__all__ = ["ACCEPTED_KEY", "CHUNK_BYTES", "Assembler", "accepted", "chunks", "tensor_slots"]
 
 CHUNK_BYTES = 1 << 20
 """Size of a data chunk, in bytes. Measured here: 1 MiB chunks beat both 64 KiB and one big message."""
+
+
+ACCEPTED_KEY = "gradserve-accepted"
+"""Initial-metadata key the server sends once it accepted a StreamCall's header. A client sends
+the data chunks only after it: data racing a refusal makes gRPC report INTERNAL instead of the
+refusal's status."""
+
+
+def accepted(initial_metadata: Any) -> bool:
+    """Whether the server's initial metadata says it accepted the header (else it refused: read the status)."""
+    return any(key == ACCEPTED_KEY for key, _ in initial_metadata or ())
 
 
 def tensor_slots(message: Message) -> list[pb.Tensor]:

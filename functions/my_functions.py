@@ -1,8 +1,13 @@
 """Example user Functions, served by the compose stack from this folder.
 
-docker-compose.yml mounts ./functions at /functions (on the server's PYTHONPATH) and names
-this module with ``--functions my_functions``. Put your own modules here and name them
-the same way (GRADSERVE_FUNCTIONS in docker-compose.yml, comma-separated).
+docker-compose.yml mounts ./functions at /functions (on the server's PYTHONPATH) and
+serves this module (GRADSERVE_FUNCTIONS, default ``my_functions``). Replace this file with
+your own (the README's ``my_functions.py`` works as it is), or add modules here and name
+them in GRADSERVE_FUNCTIONS, comma-separated.
+
+This example also loads the built-in examples (``square``, ``cube_plus_square``, ...),
+which the integration suite calls; a file of yours that does not import them serves only
+its own Functions, so its names may be the built-ins' names.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from typing import Any
 
 import torch
 
+import gradserve.server.examples  # noqa: F401  (registers the built-in examples)
 from gradserve.server import register
 
 

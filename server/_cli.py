@@ -42,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="MODULE",
-        help="module that registers Functions; repeatable (default: gradserve.server.examples)",
+        help="module (dotted name, e.g. my_functions) or path of a .py file that registers Functions; "
+        "repeatable (default: gradserve.server.examples)",
     )
 
     health_p = commands.add_parser(
@@ -53,7 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     health_p.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
     _add_target(health_p)
 
-    list_p = commands.add_parser("list", help="list a server's functions")
+    list_p = commands.add_parser(
+        "list",
+        help="list a server's functions",
+        description="List the Functions a server serves (ListFunctions): name and signature, kind "
+        "(autograd.Function or callable), highest gradient order, the docstring's first paragraph, "
+        "and why a Function is unavailable when it failed the server's start-up check.",
+    )
     _add_target(list_p)
 
     call_p = commands.add_parser(
@@ -206,7 +213,10 @@ def _parse_arg(text: str, dtype: Any) -> Any:
         raise SystemExit(f"gradserve call: argument {text!r} is not JSON (prefix s: for a plain string)") from None
     if scalar or value is None or isinstance(value, (bool, str)):
         return value
-    return torch.tensor(value, dtype=dtype, requires_grad=dtype.is_floating_point or dtype.is_complex)
+    try:
+        return torch.tensor(value, dtype=dtype, requires_grad=dtype.is_floating_point or dtype.is_complex)
+    except (TypeError, ValueError, RuntimeError) as exc:  # ragged lists, objects
+        raise SystemExit(f"gradserve call: argument {text!r} is not a {dtype} tensor: {exc}") from None
 
 
 def _call(client: Any, name: str, raw_args: Sequence[str], dtype_name: str) -> int:

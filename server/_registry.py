@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ._checks import contract_checked
+from ._contract import contract_checked
 
 __all__ = ["DEFAULT_MODULE", "ENTRY_POINT_GROUP", "RegisteredFunction", "Registry", "RegistrationError", "register", "registry"]
 
@@ -217,7 +217,7 @@ class Registry:
     def add(self, obj: Any, *, name: str | None = None, version: str | None = None, **options: Any) -> RegisteredFunction:
         """Register ``obj`` (see :meth:`register`) and return its entry.
 
-        A Function subclass is served through :func:`_checks.contract_checked`, so what
+        A Function subclass is served through :func:`_contract.contract_checked`, so what
         its backward returns is checked on every call; ``obj`` itself is unchanged.
         """
         name = name or getattr(obj, "__name__", "")
@@ -247,7 +247,11 @@ class Registry:
             if existing.origin == entry.origin:  # the same object re-imported (importlib.reload)
                 self._functions[name] = entry
                 return entry
-            raise RegistrationError(f"function name {name!r} registered twice: by {existing.origin} and by {entry.origin}")
+            raise RegistrationError(
+                f"function name {name!r} registered twice: by {existing.origin} and by {entry.origin}. "
+                'Names must be unique: rename one (@register("another_name")), or stop loading one of the '
+                "two modules (drop it from --functions / GRADSERVE_FUNCTIONS, or do not import it)"
+            )
         self._functions[name] = entry
         return entry
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ._checks import BackwardContractError
+from ._contract import BackwardContractError
 from ._errors import (
     Abandoned,
     DoubleBackwardUnsupported,

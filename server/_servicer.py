@@ -360,6 +360,10 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         )
         call.bytes_in = first.ByteSize() + sum(assembler.sizes)
         self._admit(call, call.bytes_in, context)  # on the declared sizes, before any data is read
+        # The header is accepted (checked and admitted): say so, so the client starts sending
+        # data only now. A refusal before this point reaches it intact (data racing a refusal
+        # makes gRPC report INTERNAL).
+        context.send_initial_metadata(((streaming.ACCEPTED_KEY, "1"),))
         for message in requests:
             if message.WhichOneof("part") != "data":
                 raise codec.CodecError(f"StreamCall {call.function}: only data chunks may follow the header")
@@ -627,13 +631,14 @@ class _ResponseTooLarge(GradServeServerError):
 
 
 def _fits_one_message(io: _Payloads, total: int, function: str) -> None:
-    """Refuse a unary reply over protobuf's 2 GiB ceiling; the client then repeats the call streamed."""
+    """Refuse a unary reply over protobuf's 2 GiB ceiling (before it is encoded); StreamCall carries larger ones."""
     if io.outgoing is not None:
         return
     if total > UNARY_RESPONSE_LIMIT_BYTES:
         raise _ResponseTooLarge(
             f"{function}: the reply holds {total} bytes of tensors, over the {UNARY_RESPONSE_LIMIT_BYTES} bytes "
-            "one message can carry; call again through StreamCall (gradserve clients do so on their own)"
+            "one message can carry; call through StreamCall for replies this large "
+            "(GradientClient(stream_threshold_bytes=0) streams every call)"
         )
 
 

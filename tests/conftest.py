@@ -46,7 +46,7 @@ def free_port() -> int:
 class ServerProcess:
     """``gradserve serve`` as a real subprocess on a free loopback port."""
 
-    def __init__(self, *extra: str, port: int | None = None) -> None:
+    def __init__(self, *extra: str, port: int | None = None, wait: bool = True) -> None:
         self.port = port or free_port()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
         self.proc = subprocess.Popen(
@@ -57,7 +57,8 @@ class ServerProcess:
             text=True,
         )
         self.target = f"127.0.0.1:{self.port}"
-        self._wait_ready(timeout_s=60)
+        if wait:
+            self._wait_ready(timeout_s=60)
 
     def _wait_ready(self, timeout_s: float) -> None:
         """Until health says SERVING (functions loaded and checked), or fail with the server's stderr."""

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gradserve.client import GradientClient, HandleNotFoundError, codec
+from gradserve.client._core import Plan
 from gradserve.client._errors import from_rpc_error
 from gradserve.server import RunningServer, ServerConfig, create_server, registry
 from gradserve.v1 import gradserve_pb2 as pb
@@ -284,7 +285,7 @@ def test_cancelled_call_keeps_no_handle(small_server: RunningServer, stub: pb_gr
 def test_client_sdk_maps_handle_loss_to_recompute(small_server: RunningServer) -> None:
     with GradientClient(f"127.0.0.1:{small_server.port}", timeout=10) as client:
         with pytest.raises(HandleNotFoundError):
-            client._call(client._stub.Backward, pb.BackwardRequest(function="square", handle="gone"), None)
+            client._run(Plan("backward", pb.BackwardRequest(function="square", handle="gone"), None, lambda r, _: r), None)
 
 
 # -- fuzz ------------------------------------------------------------------------------------

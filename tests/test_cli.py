@@ -43,6 +43,11 @@ def test_list_and_call(proc: ServerProcess) -> None:
 def test_call_errors_exit_nonzero_with_the_message(proc: ServerProcess) -> None:
     missing = cli("call", "nope", "1", "--target", proc.target)
     assert missing.returncode == 1 and "NOT_FOUND: no function named 'nope'" in missing.stderr
+    ragged = cli("call", "square", "[[1,2],[3]]", "--target", proc.target)
+    assert ragged.returncode != 0 and "Traceback" not in ragged.stderr
+    assert ragged.stderr.strip().splitlines() == [
+        "gradserve call: argument '[[1,2],[3]]' is not a torch.float32 tensor: expected sequence of length 2 at dim 1 (got 1)"
+    ]
 
 
 def test_client_sdk_against_the_subprocess(proc: ServerProcess) -> None:

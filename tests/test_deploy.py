@@ -89,6 +89,84 @@ def test_compose_ports_for_scaled_replicas(docker_compose: str, stack: str) -> N
     assert ports == ["127.0.0.1:50051-50053:50051/tcp", "127.0.0.1:9464-9466:9464/tcp"]
 
 
+@pytest.mark.parametrize("stack", sorted(COMPOSE))
+def test_compose_empty_host_ports_mean_any_free_port(docker_compose: str, stack: str) -> None:
+    """What make compose-test sets for Podman, which takes no host port ranges."""
+    empty = {"GRADSERVE_HOST_GRPC_PORT": "", "GRADSERVE_HOST_METRICS_PORT": ""}
+    result = _compose(docker_compose, stack, "test", "config", env=empty)
+    assert result.returncode == 0, result.stderr
+    ports = [str(p) for p in yaml.safe_load(result.stdout)["services"]["server"]["ports"]]
+    assert ports == ["127.0.0.1::50051/tcp", "127.0.0.1::9464/tcp"]
+
+
+@pytest.mark.parametrize("stack", sorted(COMPOSE))
+def test_compose_clients_talk_to_servers_on_an_internal_network(config: dict[str, dict[str, Any]], stack: str) -> None:
+    model = config[stack]
+    assert model["networks"]["internal"]["internal"] is True
+    assert set(model["services"]["server"]["networks"]) == {"default", "internal"}  # default: the published ports
+    assert set(model["services"]["tests"]["networks"]) == {"internal"}  # no way out
+
+
+@pytest.mark.parametrize("stack", sorted(COMPOSE))
+def test_compose_server_root_filesystem_is_read_only(config: dict[str, dict[str, Any]], stack: str) -> None:
+    server = config[stack]["services"]["server"]
+    assert server["read_only"] is True and server["tmpfs"] == ["/tmp"]
+
+
+def test_compose_gpu_tests_service_is_a_slim_cpu_client(config: dict[str, dict[str, Any]]) -> None:
+    """Only the server needs the CUDA image; the tests service is a client on python:3.11-slim."""
+    args = config["gpu"]["services"]["tests"]["build"]["args"]
+    assert args["BASE_IMAGE"].startswith("python:3.11") and "cuda" not in args["BASE_IMAGE"]
+    assert args["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    assert config["gpu"]["services"]["tests"]["image"] != config["gpu"]["services"]["server"]["image"]
+
+
+def _readme_functions_module() -> str:
+    """The README's ``# my_functions.py`` example, as a user pastes it."""
+    blocks = re.findall(r"```python\n(# my_functions\.py\n.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks, "README.md has no ```python block starting with # my_functions.py"
+    return blocks[0]
+
+
+def _load_functions(modules: list[str], pythonpath: Path) -> subprocess.CompletedProcess[str]:
+    """load_modules(modules) in a fresh interpreter, as `gradserve serve` loads them."""
+    script = (
+        "import sys; from gradserve.server._registry import load_modules; "
+        "print(','.join(f.name for f in load_modules(sys.argv[1:], entry_points=False)))"
+    )
+    env = dict(os.environ, PYTHONPATH=str(pythonpath))
+    return subprocess.run([sys.executable, "-c", script, *modules], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("stack", sorted(COMPOSE))
+def test_compose_default_functions_serve_the_readme_example_pasted_into_functions(
+    config: dict[str, dict[str, Any]], stack: str, tmp_path: Path
+) -> None:
+    """README's my_functions.py in ./functions: compose's default GRADSERVE_FUNCTIONS loads it."""
+    modules = config[stack]["services"]["server"]["environment"]["GRADSERVE_FUNCTIONS"].split(",")
+    readme = _readme_functions_module()
+    (tmp_path / "my_functions.py").write_text(readme)
+    result = _load_functions(modules, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert set(result.stdout.strip().split(",")) == set(re.findall(r'@register\("(\w+)"', readme))
+    # The shipped example serves the built-in examples (the integration suite calls them) and swish.
+    result = _load_functions(modules, ROOT / "functions")
+    assert result.returncode == 0, result.stderr
+    assert {"square", "cube_plus_square", "swish"} <= set(result.stdout.strip().split(","))
+
+
+def test_a_name_registered_twice_says_how_to_fix_it(tmp_path: Path) -> None:
+    """A user module reusing a built-in example's name, loaded beside the examples."""
+    (tmp_path / "my_functions.py").write_text(
+        "import torch\nfrom gradserve.server import register\n\n"
+        "@register('cube_plus_square')\ndef cube_plus_square(x, y):\n    return x**3 + y**2\n"
+    )
+    result = _load_functions(["gradserve.server.examples", "my_functions"], tmp_path)
+    assert result.returncode != 0
+    assert "'cube_plus_square' registered twice" in result.stderr
+    assert "rename one" in result.stderr and "GRADSERVE_FUNCTIONS" in result.stderr
+
+
 def test_compose_gpu_server(config: dict[str, dict[str, Any]]) -> None:
     server = config["gpu"]["services"]["server"]
     assert server["deploy"]["resources"]["reservations"]["devices"] == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
@@ -195,6 +273,17 @@ def test_dockerfile_base_image_is_a_cuda_pytorch_runtime_build_argument() -> Non
     assert re.search(r"-cuda[\d.]+-cudnn\d+-runtime$", first[1])
     froms = [args for instruction, args in _instructions() if instruction == "FROM"]
     assert froms == ["${BASE_IMAGE} AS build", "${BASE_IMAGE} AS runtime", "runtime AS test"]
+
+
+def test_dockerfile_wheelhouse_mode_installs_with_no_index() -> None:
+    """WHEELHOUSE=/dir (mounted into the build) makes every pip step offline, beside TORCH_INDEX_URL."""
+    for stage in ("build", "runtime", "test"):
+        steps = _stage(stage)
+        assert ("ARG", 'WHEELHOUSE=""') in steps, stage
+        for instruction, args in steps:
+            local_wheel = "--no-deps" in args and ".whl" in args  # reads no index
+            if instruction == "RUN" and ("pip install" in args or "pip wheel" in args) and not local_wheel:
+                assert "PIP_NO_INDEX=1" in args or '--no-index --find-links "${WHEELHOUSE}"' in args, (stage, args)
 
 
 def test_dockerfile_runtime_stage_is_non_root_with_the_serve_command_and_healthcheck() -> None:

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradserve.client import FunctionFailedError, GradientClient, InvalidArgumentError
+from gradserve.client import ArgumentError, FunctionFailedError, GradientClient, InvalidArgumentError
+from gradserve.client._messages import payload_list
 from gradserve.server import RunningServer, ServerConfig, create_server, registry
 from gradserve.server._checks import check_function
 from gradserve.server._errors import RngMismatch
@@ -367,8 +368,14 @@ def test_numpy_big_endian_arrays_and_scalars(remote: GradientClient) -> None:
     assert remote.forward("scale", big_endian, 2.0).tolist() == [2.0, 5.0, -6.0]
     assert remote.forward("scale", torch.tensor([1.0, 2.0]), np.float32(2.0)).tolist() == [2.0, 4.0]
     assert remote.forward("scale", torch.tensor([1.0, 2.0]), np.int64(3)).tolist() == [3.0, 6.0]
-    with pytest.raises(ValueError, match="numpy array of dtype object cannot be sent"):
+    with pytest.raises(ArgumentError, match="numpy array of dtype object cannot be sent"):
         remote.forward("scale", np.array([object()]), 2.0)
+
+
+def test_large_numpy_arrays_stream_like_tensors(remote: GradientClient) -> None:
+    big = np.arange(3 << 18, dtype=np.float32)  # 3 MiB: over the 1 MiB streaming threshold
+    assert payload_list(1 << 20, [big]) == []  # counted, so the call streams (no 2 GiB ceiling)
+    assert np.array_equal(remote.forward("scale", big, 2.0).numpy(), 2 * big)
 
 
 # -- property: remote first and second order equal local autograd -------------------------

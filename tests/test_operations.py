@@ -54,9 +54,9 @@ def test_health_loading_serving_draining() -> None:
     loader = threading.Thread(target=lambda: started.append(create_server(config)))
     loader.start()
     assert wait_until(lambda: health_status(target) == NOT_SERVING, timeout_s=10)  # bound, still importing
-    with GradientClient(target, timeout=5, options=[("grpc.enable_retries", 0)]) as client:
+    with GradientClient(target, timeout=5) as client:
         with pytest.raises(UnavailableError, match="functions are still loading"):
-            client.list_functions()
+            client.list_functions(timeout=0.3)  # the import takes 1.5 s: still loading when the deadline passes
         loader.join(timeout=30)
         assert health_status(target) == SERVING
         assert "square" in {f.name for f in client.list_functions()}
@@ -130,9 +130,10 @@ def test_tls(pki: dict) -> None:
     try:
         with GradientClient(target, timeout=10, root_certificates=pki["ca"]) as client:
             assert client.forward("square", torch.tensor([3.0])).tolist() == [9.0]
-        with GradientClient(target, timeout=3, options=[("grpc.enable_retries", 0)]) as plaintext:
-            with pytest.raises(UnavailableError):
+        with GradientClient(target, timeout=3) as plaintext:
+            with pytest.raises(UnavailableError) as err:
                 plaintext.forward("square", torch.tensor([3.0]))
+            assert "the server may use TLS: pass tls=True" in err.value.message
     finally:
         running.stop(0)
 
@@ -145,9 +146,10 @@ def test_mutual_tls(pki: dict) -> None:
             target, timeout=10, root_certificates=pki["ca"], private_key=pki["client_key"], certificate_chain=pki["client_cert"]
         ) as client:
             assert client.forward("square", torch.tensor([3.0])).tolist() == [9.0]
-        with GradientClient(target, timeout=3, root_certificates=pki["ca"], options=[("grpc.enable_retries", 0)]) as anon:
-            with pytest.raises(UnavailableError):
+        with GradientClient(target, timeout=3, root_certificates=pki["ca"]) as anon:
+            with pytest.raises(UnavailableError) as err:
                 anon.forward("square", torch.tensor([3.0]))
+            assert "may require a client certificate (private_key= and certificate_chain=)" in err.value.message
     finally:
         running.stop(0)
 

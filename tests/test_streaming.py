@@ -185,22 +185,29 @@ def test_tensor_over_2_gib_round_trips() -> None:
         big.stop(0)
 
 
-def test_reply_too_large_for_one_message_is_repeated_streamed(target: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reply_too_large_for_one_message_is_refused_not_run_again(target: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small request whose reply is over protobuf's 2 GiB: the Function ran, so the client must
+    not send it again on its own (at most once); the error says how to stream it instead."""
     from gradserve.server import _servicer
 
     monkeypatch.setattr(_servicer, "UNARY_RESPONSE_LIMIT_BYTES", 1000)  # stands for protobuf's 2 GiB
     x = torch.ones(64, 1, requires_grad=True)  # 256 bytes in; a 16 KiB [64, 64] output
     w = torch.full((64, 1), 2.0, requires_grad=True)
 
-    async def run_async() -> torch.Tensor:
+    async def run_async() -> None:
         async with AsyncGradientClient(target, timeout=30) as client:
-            return await client.forward("linear", x, w, None)
+            await client.forward("linear", x, w, None)
 
     with GradientClient(target, timeout=30) as client:
-        result = client.forward_backward("linear", x, w, None)
+        with pytest.raises(ResourceExhaustedError, match="stream_threshold_bytes=0") as err:
+            client.forward_backward("linear", x, w, None)
+        assert err.value.reason == "RESPONSE_TOO_LARGE"
+    with pytest.raises(ResourceExhaustedError, match="one message can carry"):
+        asyncio.run(run_async())
+    with GradientClient(target, timeout=30, stream_threshold_bytes=0) as streaming_client:
+        result = streaming_client.forward_backward("linear", x, w, None)
     assert torch.equal(result.outputs, torch.full((64, 64), 2.0))
     assert torch.equal(result.grads[0], torch.full((64, 1), 128.0))
-    assert torch.equal(asyncio.run(run_async()), torch.full((64, 64), 2.0))
 
 
 def test_async_streamed_refusals_keep_their_code() -> None:

@@ -5,11 +5,19 @@ a Kubernetes headless Service: the client resolves several addresses and spreads
 ForwardBackward is stateless, so it must be right on every replica; a Forward and its
 Backward landing on different replicas must still give the right gradient, because the
 client sends the inputs again when the replica it reaches has no such graph.
+
+The last two tests run against a ``dns:///`` GRADSERVE_TARGET (the compose ``tests``
+service with ``--scale server=3``): they resolve every replica, and tell from each
+replica's /metrics (port GRADSERVE_TARGET_METRICS_PORT, default 9464) that it served
+calls. ``GRADSERVE_EXPECT_REPLICAS=N`` makes them fail unless the name resolves to N
+replicas; without it they skip when it resolves to one.
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -18,10 +26,11 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from gradserve.client import GradientClient
 
-from .conftest import ROUND_ROBIN, Server
+from .conftest import ROUND_ROBIN, Endpoint, Server
 
 REPLICAS = 3
 FUNCTIONS = ("--functions", "gradserve.server.examples", "--functions", "integration.replica_functions")
@@ -136,3 +145,76 @@ def test_forward_and_backward_on_different_replicas_give_the_right_gradient(repl
     assert backwards.count(("handle", grpc.StatusCode.NOT_FOUND)) >= 1, backwards
     assert backwards.count(("recompute", grpc.StatusCode.OK)) == backwards.count(("handle", grpc.StatusCode.NOT_FOUND))
     assert all(code in (grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND) for _, code in backwards), backwards
+
+
+# -- replicas behind a dns:/// target (compose --scale) ---------------------------------------
+
+_DNS_TARGET = os.environ.get("GRADSERVE_TARGET", "").startswith("dns:")
+needs_dns_target = pytest.mark.skipif(not _DNS_TARGET, reason="needs GRADSERVE_TARGET=dns:///NAME:PORT (compose)")
+
+
+def _dns_replicas() -> list[str]:
+    """The addresses the dns:/// target's name resolves to; skips unless several (or as expected)."""
+    host_port = os.environ["GRADSERVE_TARGET"].split("/")[-1]
+    host, _, port = host_port.rpartition(":")
+    addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)})
+    expected = int(os.environ.get("GRADSERVE_EXPECT_REPLICAS", "0"))
+    if expected:
+        assert len(addresses) == expected, f"{host} resolves to {addresses}, expected {expected} replicas"
+    elif len(addresses) < 2:
+        pytest.skip(f"{host} resolves to one replica ({addresses})")
+    return addresses
+
+
+def _served(address: str) -> float:
+    """Calls a replica has answered so far: the sum of its gradserve_requests_total."""
+    port = os.environ.get("GRADSERVE_TARGET_METRICS_PORT", "9464")
+    with urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(
+        s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == "gradserve_requests_total"
+    )
+
+
+@needs_dns_target
+def test_every_replica_behind_the_dns_name_serves(endpoint: Endpoint) -> None:
+    replicas = _dns_replicas()
+    before = {a: _served(a) for a in replicas}
+    after = dict(before)
+    with endpoint.client() as balanced:
+        for _ in range(20 * len(replicas)):  # round robin reaches each once all are connected
+            f = balanced.forward_backward(
+                "cube_plus_square", torch.tensor(2.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
+            )
+            assert f.outputs.item() == 17.0 and [g.item() for g in f.grads] == [12.0, 6.0]
+            after = {a: _served(a) for a in replicas}
+            if all(after[a] > before[a] for a in replicas):
+                break
+    served = {a: after[a] - before[a] for a in replicas}
+    assert all(n > 0 for n in served.values()), f"calls served per replica (from /metrics): {served}"
+
+
+@needs_dns_target
+def test_forward_and_backward_on_different_dns_replicas_give_the_right_gradient(endpoint: Endpoint) -> None:
+    _dns_replicas()
+    recorder = _Recorder()
+    channel = endpoint.channel(interceptors=(recorder,))
+    try:
+        with GradientClient(endpoint.target, timeout=30, channel=channel) as client:
+            for _ in range(10):  # until round robin has every replica connected
+                client.forward_backward("cube_plus_square", torch.tensor(2.0, requires_grad=True), torch.tensor(3.0))
+            remote = client.function("cube_plus_square")
+            for i in range(6):
+                x = torch.randn(4, dtype=torch.float64, requires_grad=True)
+                y = torch.randn(4, dtype=torch.float64, requires_grad=True)
+                w = torch.randn(4, dtype=torch.float64)
+                ((remote(x, y) * w).sum() * (i + 1)).backward()
+                torch.testing.assert_close(x.grad, 3 * x.detach() ** 2 * w * (i + 1))
+                torch.testing.assert_close(y.grad, 2 * y.detach() * w * (i + 1))
+    finally:
+        channel.close()
+    backwards = [(graph, code) for method, graph, code in recorder.calls if method == "Backward"]
+    # With the forward's replica and the backward's taken in turn, some backward reached a
+    # replica without the graph: NOT_FOUND there, then the client recomputed.
+    assert backwards.count(("handle", grpc.StatusCode.NOT_FOUND)) >= 1, backwards
+    assert backwards.count(("recompute", grpc.StatusCode.OK)) == backwards.count(("handle", grpc.StatusCode.NOT_FOUND))

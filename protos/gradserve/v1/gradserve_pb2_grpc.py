@@ -131,11 +131,15 @@ class GradientServiceServicer:
         message above about a megabyte. The client sends a header, the request with
         every Tensor's `data` left empty, then `data` chunks: the tensors' bytes
         concatenated in the order the Tensors appear in the header (depth-first,
-        fields in field-number order: arguments, then grad_outputs). The server
-        answers the same way: the response header, then its tensors' bytes (outputs,
-        then gradients). Chunks may be of any size; 1 MiB is a good one. The total
-        of the declared tensor sizes is checked against the server's request limit
-        before anything is allocated.
+        fields in field-number order; for example ForwardBackwardRequest: args,
+        grad_outputs, kwargs; BackwardRequest: recompute's values and kwargs,
+        grad_outputs, lower_order). Once it accepts the header the server sends
+        initial metadata "gradserve-accepted: 1"; a client sends the data chunks only
+        after it, so a refusal (the call ends without that key) keeps its status. The
+        server answers the same way: the response header, then its tensors' bytes
+        (outputs, then gradients). Chunks may be of any size; 1 MiB is a good one.
+        The total of the declared tensor sizes is checked against the server's
+        request limit before anything is allocated.
         Status codes: those of the RPC the header names; INVALID_ARGUMENT when the
         first message is not a header, or the data does not add up to the declared
         sizes.

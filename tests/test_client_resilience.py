@@ -1,0 +1,86 @@
+"""The client never crashes, never runs a call twice, and waits for a starting server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from conftest import ServerProcess
+
+from gradserve.client import DeadlineExceededError, GradientClient, UnavailableError
+
+LOADING = ("--functions", "gradserve.server.examples", "--functions", "gradserve_slow_check", "--check")
+
+
+def test_streamed_calls_to_a_loading_server_never_abort_the_client() -> None:
+    """The issue's crash: streamed calls refused with LOADING under gRPC's retry policy aborted the
+    process (SIGABRT in gRPC core) in 2 of 3 runs. The client now runs in a child process, so a
+    crash shows as its exit status."""
+    with ServerProcess(*LOADING, wait=False) as server:
+        script = textwrap.dedent(f"""
+            import time, torch
+            from gradserve.client import GradientClient, GradServeError
+            ok = failed = 0
+            with GradientClient("{server.target}") as client:
+                end = time.monotonic() + 6
+                while time.monotonic() < end or not ok:
+                    try:
+                        y = client.forward("square", torch.full((5 * 1024 * 1024 // 4 + 1,), 3.0), timeout=60)
+                        ok += bool((y == 9).all())
+                    except GradServeError:
+                        failed += 1
+            print(ok, failed)
+        """)
+        child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-2000:]
+    ok, failed = map(int, child.stdout.split())
+    assert ok >= 1 and failed == 0, (child.stdout, child.stderr[-2000:])  # every call waited, then got the right answer
+
+
+def test_a_call_made_while_the_server_starts_waits_for_it() -> None:
+    """``make serve`` and a script started together: the call waits for the port and the loading."""
+    with ServerProcess(*LOADING, wait=False) as server:
+        with GradientClient(server.target) as client:  # no deadline: waits up to wait_for_server_s
+            started = time.monotonic()
+            result = client.forward_backward(
+                "cube_plus_square", torch.tensor(2.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
+            )
+            waited_s = time.monotonic() - started
+        assert (result.outputs.item(), result.grads[0].item(), result.grads[1].item()) == (17.0, 12.0, 6.0)
+        assert waited_s > 0.5  # it did wait: the checks take seconds
+
+
+def test_a_starting_server_is_waited_for_only_within_the_deadline() -> None:
+    with ServerProcess(*LOADING, wait=False) as server:
+        with GradientClient(server.target) as client:
+            started = time.monotonic()
+            with pytest.raises((UnavailableError, DeadlineExceededError)):  # not up yet, or still loading
+                client.forward("square", torch.ones(1), timeout=1.0)
+            assert time.monotonic() - started < 3.0
+        with GradientClient(server.target, wait_for_server_s=0.5) as client:
+            with pytest.raises(UnavailableError):
+                client.forward("square", torch.ones(1))
+
+
+def test_keepalive_goaway_does_not_run_a_call_twice() -> None:
+    """Pings every second: the server answers GOAWAY too_many_pings. The call fails once, UNAVAILABLE;
+    before, gRPC's retry policy sent it again and the Function ran 4 times."""
+    aggressive = [
+        ("grpc.keepalive_time_ms", 1000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    with ServerProcess("--functions", "gradserve_test_functions") as server:
+        with GradientClient(server.target, options=aggressive) as client:
+            with pytest.raises(UnavailableError):
+                client.forward("slow_square", torch.ones(1), 6.0, timeout=30)
+        with GradientClient(server.target) as client:  # the default keepalive is within the policy
+            assert client.forward("slow_square", torch.full((1,), 3.0), 0.1, timeout=30).item() == 9.0
+        server.terminate()
+        log = server.proc.stderr.read()
+    runs = [line for line in log.splitlines() if "function=slow_square" in line and "method=Forward" in line]
+    assert len(runs) == 2, log[-3000:]  # one per client call: the first was not sent again
