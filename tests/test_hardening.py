@@ -683,10 +683,14 @@ def test_check_over_its_budget_is_unavailable() -> None:
     assert reasons["nap"] == ""
 
 
-def test_process_exits_after_the_grace_period_with_a_function_running() -> None:
+def test_function_cannot_stop_a_real_server_and_the_grace_period_ends_the_process() -> None:
     with ServerProcess("--functions", "gradserve_hostile_functions", "--grace-period-s", "1") as server:
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.GradientServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:  # sys.exit in a Function: an answer, and the process lives on
+                stub.Forward(pb.ForwardRequest(function="stop_the_process", args=[x1()]), timeout=10)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert health_check(server.port) == SERVING and server.proc.poll() is None
             stuck = stub.Forward.future(pb.ForwardRequest(function="nap", args=[x1(False), pb.Value(float_value=30.0)]), timeout=60)
             time.sleep(0.5)  # the nap has begun
             t0 = time.monotonic()
@@ -696,17 +700,6 @@ def test_process_exits_after_the_grace_period_with_a_function_running() -> None:
                 stuck.result(timeout=5)
     assert status == 3  # EXIT_FORCED, documented in the README
     assert took < 4.0  # 1 s grace, not the 30 s nap
-
-
-def test_system_exit_in_a_function_does_not_stop_a_real_server() -> None:
-    with ServerProcess("--functions", "gradserve_hostile_functions") as server:
-        with grpc.insecure_channel(server.target) as channel:
-            stub = pb_grpc.GradientServiceStub(channel)
-            with pytest.raises(grpc.RpcError) as info:
-                stub.Forward(pb.ForwardRequest(function="stop_the_process", args=[x1()]), timeout=10)
-            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert health_check(server.port) == SERVING
-        assert server.proc.poll() is None
 
 
 def test_client_certificates_are_identities(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ def test_quick_soak_passes() -> None:
 def test_quick_chaos_soak_passes() -> None:
     """Good callers beside every hostile pattern for a few seconds: right answers, health within 1 s, RSS in budget."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--chaos", "--quick", "--duration-s", "6"],
+        [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--chaos", "--quick", "--duration-s", "4"],
         cwd=ROOT,
         capture_output=True,
         text=True,
