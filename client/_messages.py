@@ -192,6 +192,13 @@ def encode_grad_outputs(
     return [codec.encode_maybe_tensor(g, requires_grad=rg, payloads=payloads) for g, rg in zip(grad_outputs, flags)]
 
 
+def caller_seed() -> int:
+    """A seed for the server's random generators, drawn from the caller's own (CPU) generator: remote
+    randomness then follows the caller's ``torch.manual_seed``, and a forward re-run under
+    ``torch.utils.checkpoint(preserve_rng_state=True)`` draws the same numbers again."""
+    return int(torch.randint(0, 2**63 - 1, ()).item())
+
+
 def forward_request(
     name: str,
     args: Sequence[Any],
@@ -209,6 +216,7 @@ def forward_request(
         kwargs=encode_kwargs(kwargs, flags[len(args) :], payloads),  # slot order: args, then kwargs
         keep_graph=any(flags),
         no_grad=not (torch.is_grad_enabled() if grad_enabled is None else grad_enabled),
+        seed=caller_seed(),
     )
 
 
@@ -223,7 +231,7 @@ def forward_backward_request(
     values = encode_args(args, payloads=payloads)
     cotangents = encode_grad_outputs(grad_outputs, payloads)
     named = encode_kwargs(kwargs, payloads=payloads)
-    return pb.ForwardBackwardRequest(function=name, args=values, grad_outputs=cotangents, kwargs=named)
+    return pb.ForwardBackwardRequest(function=name, args=values, grad_outputs=cotangents, kwargs=named, seed=caller_seed())
 
 
 @dataclass(frozen=True)

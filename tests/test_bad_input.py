@@ -211,7 +211,7 @@ def test_function_failures_name_the_function(stub: pb_grpc.GradientServiceStub) 
         "got shape [2, 5], expected [2, 3]",
     )
     fails(
-        stub.ForwardBackward, fb_request("bad_grad_dtype", leaf(2)), FAILED, "argument 0", "got dtype float64, expected float32"
+        stub.ForwardBackward, fb_request("bad_grad_dtype", leaf(2)), FAILED, "argument 0", "got dtype int64, expected float32"
     )
     fails(
         stub.ForwardBackward,
