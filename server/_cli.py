@@ -197,7 +197,7 @@ def _health(args: argparse.Namespace) -> int:
 def _list(client: Any) -> int:
     for f in client.list_functions():
         status = f"  [unavailable: {f.unavailable_reason}]" if f.unavailable_reason else ""
-        order = "2nd order" if f.double_backward else "1st order"
+        order = "any order" if f.double_backward else "1st order"
         print(f"{f.name + f.signature:<40} {f.kind:<18} {order:<9}  {f.doc}{status}")
     return 0
 
