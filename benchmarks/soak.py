@@ -48,7 +48,8 @@ import grpc
 import torch
 import torch.nn.functional as F
 
-from gradserve.client import GradientClient, GradServeError, codec
+from gradserve.client import GradientClient, GradServeError
+from gradserve.v1 import codec
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 

@@ -10,12 +10,13 @@ import grpc
 import grpc.aio
 import torch
 
+from gradserve.v1 import codec, streaming
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.v1.connection import ChannelSettings
 
-from . import codec, streaming
 from ._core import WAIT_FOR_SERVER_S, ClientCore, Plan, StartupWait, malformed_reply
 from ._errors import UnavailableError
-from ._messages import ChannelSettings, ForwardBackwardResult, FunctionInfo, Outputs
+from ._messages import ForwardBackwardResult, FunctionInfo, Outputs
 
 __all__ = ["AsyncGradientClient"]
 

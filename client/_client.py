@@ -12,15 +12,16 @@ import grpc
 import torch
 from grpc._cython import cygrpc
 
+from gradserve.v1 import codec, streaming
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.v1.connection import ChannelSettings
 
 from . import _messages as m
-from . import codec, streaming
 from ._autograd import remote_call
 from ._core import WAIT_FOR_SERVER_S, ClientCore, Plan, StartupWait, malformed_reply
 from ._errors import HandleNotFoundError, UnavailableError
-from ._messages import ChannelSettings, ForwardBackwardResult, FunctionInfo, Outputs
+from ._messages import ForwardBackwardResult, FunctionInfo, Outputs
 
 __all__ = ["GradientClient"]
 

@@ -13,10 +13,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gradserve.client import GradientClient, HandleNotFoundError, codec
+from gradserve.client import GradientClient, HandleNotFoundError
 from gradserve.client._core import Plan
 from gradserve.client._errors import from_rpc_error
 from gradserve.server import RunningServer, ServerConfig, create_server, registry
+from gradserve.v1 import codec
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 

@@ -27,7 +27,6 @@ from gradserve.client import (
     GradientClient,
     InvalidArgumentError,
     ResourceExhaustedError,
-    codec,
 )
 from gradserve.client._messages import payload_list
 from gradserve.server import RunningServer, ServerConfig, create_server, registry
@@ -35,6 +34,7 @@ from gradserve.server._checks import check_function
 from gradserve.server._errors import RngMismatch
 from gradserve.server._registry import Registry
 from gradserve.server._runtime import RngReplay, Runtime
+from gradserve.v1 import codec
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 

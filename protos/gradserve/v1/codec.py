@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from google.protobuf import struct_pb2
 
-from gradserve.v1 import gradserve_pb2 as pb
+from . import gradserve_pb2 as pb
 
 __all__ = [
     "DTYPE_TO_WIRE",
