@@ -15,7 +15,7 @@ import dataclasses
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 import torch
@@ -23,26 +23,7 @@ import torch
 from gradserve.v1 import gradserve_pb2 as pb
 
 from ._errors import ArgumentError
-from ._messages import BackwardReply, BackwardStep, Forwarded, Outputs
-
-
-class _Caller(Protocol):
-    """What the bridge needs of a client (``GradientClient``'s private calls)."""
-
-    def _forward_keep(
-        self,
-        name: str,
-        args: Sequence[Any],
-        kwargs: dict[str, Any],
-        requires_grad: Sequence[bool],
-        grad_enabled: bool,
-        timeout: float | None,
-    ) -> Forwarded: ...
-
-    def _backward(self, step: BackwardStep, timeout: float | None) -> BackwardReply: ...
-
-    def _release(self, handle: str) -> None: ...
-
+from ._messages import BackwardStep, Outputs
 
 __all__ = ["RemoteFunction", "RemoteGradient", "remote_call"]
 
@@ -51,7 +32,7 @@ __all__ = ["RemoteFunction", "RemoteGradient", "remote_call"]
 class _Node:
     """What a node's backward needs: the call's identity, the graph's shape, and its handle on the server."""
 
-    client: _Caller
+    client: Any  # a GradientClient: _forward_keep, _backward, _release
     name: str
     timeout: float | None
     version: str
@@ -77,7 +58,7 @@ class _Node:
         self.handle = ""
 
 
-def remote_call(client: _Caller, name: str, timeout: float | None, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Outputs:
+def remote_call(client: Any, name: str, timeout: float | None, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Outputs:
     """Run the remote Function ``name`` as one node of the caller's autograd graph."""
     _refuse_vmap(name, [*args, *kwargs.values()])
     node = _Node(client, name, timeout, "", None, len(args), tuple(kwargs), (), [], torch.is_grad_enabled())

@@ -252,10 +252,11 @@ class GradientClient:
 
     def _attempt(self, plan: Plan, wait: StartupWait) -> Any:
         if not self._connected():
+            ready = grpc.channel_ready_future(self._channel)
             try:  # a server that is starting: wait for it, within the deadline or wait_for_server_s
-                grpc.channel_ready_future(self._channel).result(timeout=wait.until_give_up())
+                ready.result(timeout=wait.until_give_up())
             except grpc.FutureTimeoutError:
-                pass  # call anyway: it fails fast, with the connection's own error
+                ready.cancel()  # stops its connectivity polling; then call anyway: it fails fast, with the connection's own error
         options = self._core.call_options(wait)
         try:
             if plan.payloads is None:
