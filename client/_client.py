@@ -90,13 +90,7 @@ class GradientClient:
         wait_for_server_s: float = WAIT_FOR_SERVER_S,
     ) -> None:
         settings = ChannelSettings(tls, root_certificates, private_key, certificate_chain, token, options)
-        self._core = ClientCore(
-            target,
-            timeout=timeout,
-            settings=settings,
-            stream_threshold_bytes=stream_threshold_bytes,
-            wait_for_server_s=wait_for_server_s,
-        )
+        self._core = ClientCore(target, timeout, settings, stream_threshold_bytes, wait_for_server_s)
         self._owns_channel = channel is None
         self._channel = channel or settings.open_channel(target, grpc)
         self._stub = pb_grpc.GradientServiceStub(self._channel)

@@ -121,13 +121,7 @@ class ClientCore:
     """
 
     def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float | None,
-        settings: ChannelSettings,
-        stream_threshold_bytes: int,
-        wait_for_server_s: float,
+        self, target: str, timeout: float | None, settings: ChannelSettings, stream_threshold_bytes: int, wait_for_server_s: float
     ) -> None:
         self.target = target
         self.timeout = timeout
