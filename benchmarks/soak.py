@@ -66,7 +66,8 @@ import torch.nn.functional as F
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gradserve.client import GradientClient, GradServeError, codec, streaming
+from gradserve.client import GradientClient, GradServeError
+from gradserve.v1 import codec, streaming
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 

@@ -10,12 +10,13 @@ import grpc
 import grpc.aio
 import torch
 
+from gradserve.v1 import codec, streaming
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.v1.connection import ChannelSettings
 
-from . import codec, streaming
 from ._core import WAIT_FOR_SERVER_S, ClientCore, Plan, StartupWait, malformed_reply
 from ._errors import UnavailableError
-from ._messages import ChannelSettings, ForwardBackwardResult, FunctionInfo, Outputs
+from ._messages import ForwardBackwardResult, FunctionInfo, Outputs
 
 __all__ = ["AsyncGradientClient"]
 
@@ -46,13 +47,7 @@ class AsyncGradientClient:
         wait_for_server_s: float = WAIT_FOR_SERVER_S,
     ) -> None:
         settings = ChannelSettings(tls, root_certificates, private_key, certificate_chain, token, options)
-        self._core = ClientCore(
-            target,
-            timeout=timeout,
-            settings=settings,
-            stream_threshold_bytes=stream_threshold_bytes,
-            wait_for_server_s=wait_for_server_s,
-        )
+        self._core = ClientCore(target, timeout, settings, stream_threshold_bytes, wait_for_server_s)
         self._channel = settings.open_channel(target, grpc.aio)
         self._stub = pb_grpc.GradientServiceStub(self._channel)
 

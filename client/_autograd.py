@@ -15,32 +15,15 @@ import dataclasses
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
+import grpc
 import torch
 
 from gradserve.v1 import gradserve_pb2 as pb
 
-from ._messages import BackwardReply, BackwardStep, Forwarded, Outputs
-
-
-class _Caller(Protocol):
-    """What the bridge needs of a client (``GradientClient``'s private calls)."""
-
-    def _forward_keep(
-        self,
-        name: str,
-        args: Sequence[Any],
-        kwargs: dict[str, Any],
-        requires_grad: Sequence[bool],
-        grad_enabled: bool,
-        timeout: float | None,
-    ) -> Forwarded: ...
-
-    def _backward(self, step: BackwardStep, timeout: float | None) -> BackwardReply: ...
-
-    def _release(self, handle: str) -> None: ...
-
+from ._errors import ArgumentError
+from ._messages import BackwardStep, Outputs
 
 __all__ = ["RemoteFunction", "RemoteGradient", "remote_call"]
 
@@ -49,7 +32,7 @@ __all__ = ["RemoteFunction", "RemoteGradient", "remote_call"]
 class _Node:
     """What a node's backward needs: the call's identity, the graph's shape, and its handle on the server."""
 
-    client: _Caller
+    client: Any  # a GradientClient: _forward_keep, _backward, _release
     name: str
     timeout: float | None
     version: str
@@ -75,10 +58,28 @@ class _Node:
         self.handle = ""
 
 
-def remote_call(client: _Caller, name: str, timeout: float | None, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Outputs:
+def remote_call(client: Any, name: str, timeout: float | None, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Outputs:
     """Run the remote Function ``name`` as one node of the caller's autograd graph."""
+    _refuse_vmap(name, [*args, *kwargs.values()])
     node = _Node(client, name, timeout, "", None, len(args), tuple(kwargs), (), [], torch.is_grad_enabled())
     return RemoteFunction.apply(node, *args, *kwargs.values())
+
+
+def _refuse_vmap(name: str, tensors: Sequence[Any] = ()) -> None:
+    """Batched tensors (torch.func.vmap, jacobian(vectorize=True), grad(is_grads_batched=True)) have no
+    wire form: say so, rather than fail somewhere inside the codec."""
+    batched = any(
+        isinstance(t, torch.Tensor)
+        and (torch._C._functorch.is_batchedtensor(t) or torch._C._functorch.is_legacy_batchedtensor(t))
+        for t in tensors
+    )
+    if batched or torch._C._are_functorch_transforms_active():
+        raise ArgumentError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{name}: a remote gradserve step cannot run under torch.func transforms (vmap, "
+            "jacobian/hessian(vectorize=True), grad(is_grads_batched=True)); use vectorize=False",
+            "INVALID_ARGUMENT",
+        )
 
 
 def _save_inputs(ctx: Any, inputs: Sequence[Any]) -> None:
@@ -97,6 +98,7 @@ def _saved_inputs(ctx: Any) -> list[Any]:
 def _backward(ctx: Any, grad_outputs: Sequence[torch.Tensor | None]) -> tuple[Any, ...]:
     """A node's backward: remote, and itself a node when autograd records it (create_graph=True)."""
     node: _Node = ctx.node
+    _refuse_vmap(node.name, grad_outputs)
     inputs = _saved_inputs(ctx)
     if torch.is_grad_enabled():
         return (None, *RemoteGradient.apply(node, *inputs, *grad_outputs))

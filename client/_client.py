@@ -12,15 +12,16 @@ import grpc
 import torch
 from grpc._cython import cygrpc
 
+from gradserve.v1 import codec, streaming
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.v1.connection import ChannelSettings
 
 from . import _messages as m
-from . import codec, streaming
 from ._autograd import remote_call
 from ._core import WAIT_FOR_SERVER_S, ClientCore, Plan, StartupWait, malformed_reply
 from ._errors import HandleNotFoundError, UnavailableError
-from ._messages import ChannelSettings, ForwardBackwardResult, FunctionInfo, Outputs
+from ._messages import ForwardBackwardResult, FunctionInfo, Outputs
 
 __all__ = ["GradientClient"]
 
@@ -89,13 +90,7 @@ class GradientClient:
         wait_for_server_s: float = WAIT_FOR_SERVER_S,
     ) -> None:
         settings = ChannelSettings(tls, root_certificates, private_key, certificate_chain, token, options)
-        self._core = ClientCore(
-            target,
-            timeout=timeout,
-            settings=settings,
-            stream_threshold_bytes=stream_threshold_bytes,
-            wait_for_server_s=wait_for_server_s,
-        )
+        self._core = ClientCore(target, timeout, settings, stream_threshold_bytes, wait_for_server_s)
         self._owns_channel = channel is None
         self._channel = channel or settings.open_channel(target, grpc)
         self._stub = pb_grpc.GradientServiceStub(self._channel)
@@ -251,10 +246,11 @@ class GradientClient:
 
     def _attempt(self, plan: Plan, wait: StartupWait) -> Any:
         if not self._connected():
+            ready = grpc.channel_ready_future(self._channel)
             try:  # a server that is starting: wait for it, within the deadline or wait_for_server_s
-                grpc.channel_ready_future(self._channel).result(timeout=wait.until_give_up())
+                ready.result(timeout=wait.until_give_up())
             except grpc.FutureTimeoutError:
-                pass  # call anyway: it fails fast, with the connection's own error
+                ready.cancel()  # stops its connectivity polling; then call anyway: it fails fast, with the connection's own error
         options = self._core.call_options(wait)
         try:
             if plan.payloads is None:

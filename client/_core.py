@@ -21,10 +21,11 @@ from typing import Any
 import grpc
 import torch
 
+from gradserve.v1 import codec, streaming
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1.connection import ChannelSettings
 
 from . import _messages as m
-from . import codec, streaming
 from ._errors import ArgumentError, GradServeError, InternalError, from_rpc_error
 
 __all__ = ["ClientCore", "Plan", "StartupWait", "malformed_reply"]
@@ -120,13 +121,7 @@ class ClientCore:
     """
 
     def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float | None,
-        settings: m.ChannelSettings,
-        stream_threshold_bytes: int,
-        wait_for_server_s: float,
+        self, target: str, timeout: float | None, settings: ChannelSettings, stream_threshold_bytes: int, wait_for_server_s: float
     ) -> None:
         self.target = target
         self.timeout = timeout
@@ -216,7 +211,7 @@ def malformed_reply(exc: codec.CodecError) -> InternalError:
     return InternalError(grpc.StatusCode.INTERNAL, f"malformed reply from the server: {exc}", "MALFORMED_REPLY")
 
 
-def _tls_hint(message: str, settings: m.ChannelSettings) -> str:
+def _tls_hint(message: str, settings: ChannelSettings) -> str:
     """What probably went wrong when a connection fails the way a TLS mismatch makes it fail."""
     text = message.lower()
     closed = any(s in text for s in ("socket closed", "connection reset", "end of tcp stream", "broken pipe"))

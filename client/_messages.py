@@ -6,80 +6,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import torch
 
+from gradserve.v1 import codec, streaming
 from gradserve.v1 import gradserve_pb2 as pb
 
-from . import codec, streaming
-
-__all__ = ["ChannelSettings", "ForwardBackwardResult", "FunctionInfo", "Outputs"]
+__all__ = ["ForwardBackwardResult", "FunctionInfo", "Outputs"]
 
 Outputs = torch.Tensor | tuple[torch.Tensor, ...]
-
-# No gRPC retry policy: it re-sent calls the server had already started once a connection
-# dropped (a Function ran several times), and on streamed calls it aborts the process in
-# gRPC core (shared/findings/grpc_retry_stream_abort.py). The client core retries only what
-# the server says never started. Keepalive pings every 30 s keep idle connections alive
-# through NAT and load balancers; gradserve servers accept one every 10 s or more. Limits
-# on sizes are the server's to enforce, so the client sets none of its own.
-_DEFAULT_OPTIONS: dict[str, Any] = {
-    "grpc.max_receive_message_length": -1,
-    "grpc.max_send_message_length": -1,
-    "grpc.enable_retries": 0,
-    "grpc.keepalive_time_ms": 30_000,
-    "grpc.keepalive_timeout_ms": 10_000,
-    "grpc.keepalive_permit_without_calls": 1,
-    "grpc.http2.max_pings_without_data": 0,
-    "grpc.initial_reconnect_backoff_ms": 100,
-    "grpc.max_reconnect_backoff_ms": 2000,
-}
-
-
-@dataclass(frozen=True)
-class ChannelSettings:
-    """How to reach a server: TLS, mutual TLS, a bearer token, channel options.
-
-    Attributes
-    ----------
-    tls : bool
-        Use TLS. Implied by any certificate argument.
-    root_certificates, private_key, certificate_chain : bytes or None
-        PEM bytes: the CA to trust (None: the system's), and the client's key and
-        certificate for mutual TLS.
-    token : str or None
-        Sent as ``authorization: Bearer <token>`` on every call.
-    options : sequence of (str, Any)
-        gRPC channel options, overriding the defaults (no client-side size limit; no
-        gRPC retry policy; keepalive pings every 30 s, also on idle connections;
-        reconnect backoff 0.1-2 s).
-    """
-
-    tls: bool = False
-    root_certificates: bytes | None = None
-    private_key: bytes | None = None
-    certificate_chain: bytes | None = None
-    token: str | None = None
-    options: Sequence[tuple[str, Any]] = ()
-
-    @property
-    def secure(self) -> bool:
-        return self.tls or any(x is not None for x in (self.root_certificates, self.private_key, self.certificate_chain))
-
-    def channel_options(self) -> list[tuple[str, Any]]:
-        return list((_DEFAULT_OPTIONS | dict(self.options)).items())
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
-
-    def open_channel(self, target: str, api: Any = grpc) -> Any:
-        """A channel to ``target`` from ``api``: ``grpc`` (sync) or ``grpc.aio`` (asyncio)."""
-        if self.secure:
-            return api.secure_channel(target, self.credentials(), options=self.channel_options())
-        return api.insecure_channel(target, options=self.channel_options())
-
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
 
 @dataclass(frozen=True)
@@ -192,6 +126,13 @@ def encode_grad_outputs(
     return [codec.encode_maybe_tensor(g, requires_grad=rg, payloads=payloads) for g, rg in zip(grad_outputs, flags)]
 
 
+def caller_seed() -> int:
+    """A seed for the server's random generators, drawn from the caller's own (CPU) generator: remote
+    randomness then follows the caller's ``torch.manual_seed``, and a forward re-run under
+    ``torch.utils.checkpoint(preserve_rng_state=True)`` draws the same numbers again."""
+    return int(torch.randint(0, 2**63 - 1, ()).item())
+
+
 def forward_request(
     name: str,
     args: Sequence[Any],
@@ -209,6 +150,7 @@ def forward_request(
         kwargs=encode_kwargs(kwargs, flags[len(args) :], payloads),  # slot order: args, then kwargs
         keep_graph=any(flags),
         no_grad=not (torch.is_grad_enabled() if grad_enabled is None else grad_enabled),
+        seed=caller_seed(),
     )
 
 
@@ -223,7 +165,7 @@ def forward_backward_request(
     values = encode_args(args, payloads=payloads)
     cotangents = encode_grad_outputs(grad_outputs, payloads)
     named = encode_kwargs(kwargs, payloads=payloads)
-    return pb.ForwardBackwardRequest(function=name, args=values, grad_outputs=cotangents, kwargs=named)
+    return pb.ForwardBackwardRequest(function=name, args=values, grad_outputs=cotangents, kwargs=named, seed=caller_seed())
 
 
 @dataclass(frozen=True)

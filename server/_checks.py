@@ -90,6 +90,14 @@ def _seeded(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def _draws_random_numbers(fn: Callable[..., Any], inputs: tuple[Any, ...]) -> bool:
+    """Whether one call of ``fn`` moves the CPU random generator (its state is restored after)."""
+    with torch.random.fork_rng(devices=[]):
+        before = torch.default_generator.get_state()
+        fn(*inputs)
+        return not torch.equal(before, torch.default_generator.get_state())
+
+
 def check_function(entry: RegisteredFunction) -> CheckResult:
     """torch's gradcheck, and gradgradcheck where the backward may be differentiated, in float64.
 
@@ -108,6 +116,8 @@ def check_function(entry: RegisteredFunction) -> CheckResult:
         if entry.supports_complex:
             samples.append(("complex128", complex_sample(inputs)))
         first = [_verdict(torch.autograd.gradcheck, apply, sample, f"first order ({kind})") for kind, sample in samples]
+        if not entry.uses_rng and _draws_random_numbers(entry.apply, inputs):
+            first.append("declared uses_rng=False, but its forward drew random numbers: register it without uses_rng=False")
     except Exception as exc:  # noqa: BLE001 - a broken Function is a failed check, not a crash
         return CheckResult(entry.name, "fail", "skip", f"{type(exc).__name__}: {exc}")
     first_verdict = "fail" if any(first) else "pass"

@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import grpc
+
 from ._config import add_serve_arguments, config_from_args
 
 __all__ = ["main"]
@@ -84,15 +86,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args.functions)
     if args.command == "health":
         return _health(args)
-    from gradserve.client import GradServeError
+    from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
     try:
-        with _client(args) as client:
+        with _channel(args) as channel:
+            stub = pb_grpc.GradientServiceStub(channel)
             if args.command == "list":
-                return _list(client)
-            return _call(client, args.name, args.args, args.dtype)
-    except GradServeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+                return _list(stub, args)
+            return _call(stub, args)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
 
 
@@ -118,19 +121,30 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _client(args: argparse.Namespace) -> Any:
-    """A GradientClient from the --target / TLS / token flags."""
-    from gradserve.client import GradientClient
+def _channel(args: argparse.Namespace) -> Any:
+    """A gRPC channel from the --target / TLS / token flags; the token goes on every call.
 
-    return GradientClient(
-        args.target,
-        timeout=args.timeout_s,
-        tls=args.tls,
-        root_certificates=_read(args.tls_ca_file),
-        private_key=_read(args.tls_key_file),
-        certificate_chain=_read(args.tls_cert_file),
-        token=args.token or None,
+    Raw stubs over ``gradserve.v1``, not the client SDK: the server package does not import
+    the client's, and ``gradserve health`` should not pay torch's import.
+    """
+    from gradserve.v1.connection import ChannelSettings
+
+    settings = ChannelSettings(
+        args.tls, _read(args.tls_ca_file), _read(args.tls_key_file), _read(args.tls_cert_file), args.token or None
     )
+    channel = settings.open_channel(args.target, grpc)
+    metadata = settings.metadata()
+    return grpc.intercept_channel(channel, _Metadata(metadata)) if metadata else channel
+
+
+class _Metadata(grpc.UnaryUnaryClientInterceptor):
+    """Adds fixed metadata (the bearer token) to every unary call."""
+
+    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self.metadata = tuple(metadata)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(details._replace(metadata=tuple(details.metadata or ()) + self.metadata), request)
 
 
 def _read(path: str) -> bytes | None:
@@ -173,15 +187,9 @@ def _check(modules: Sequence[str]) -> int:
 
 def _health(args: argparse.Namespace) -> int:
     # Raw grpc, not GradientClient: a container healthcheck should not pay torch's import.
-    import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    if args.tls or args.tls_ca_file:
-        credentials = grpc.ssl_channel_credentials(*(_read(p) for p in (args.tls_ca_file, args.tls_key_file, args.tls_cert_file)))
-        channel = grpc.secure_channel(args.target, credentials)
-    else:
-        channel = grpc.insecure_channel(args.target)
-    with channel:
+    with _channel(args) as channel:
         try:
             request = health_pb2.HealthCheckRequest(service=args.service)
             reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=args.timeout_s)
@@ -193,10 +201,12 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-def _list(client: Any) -> int:
-    for f in client.list_functions():
+def _list(stub: Any, args: argparse.Namespace) -> int:
+    from gradserve.v1 import gradserve_pb2 as pb
+
+    for f in stub.ListFunctions(pb.ListFunctionsRequest(), timeout=args.timeout_s).functions:
         status = f"  [unavailable: {f.unavailable_reason}]" if f.unavailable_reason else ""
-        order = "2nd order" if f.double_backward else "1st order"
+        order = "any order" if f.double_backward else "1st order"
         print(f"{f.name + f.signature:<40} {f.kind:<18} {order:<9}  {f.doc}{status}")
     return 0
 
@@ -219,19 +229,26 @@ def _parse_arg(text: str, dtype: Any) -> Any:
         raise SystemExit(f"gradserve call: argument {text!r} is not a {dtype} tensor: {exc}") from None
 
 
-def _call(client: Any, name: str, raw_args: Sequence[str], dtype_name: str) -> int:
+def _call(stub: Any, args: argparse.Namespace) -> int:
     import torch
 
-    dtype = getattr(torch, dtype_name, None)
+    from gradserve.v1 import codec
+    from gradserve.v1 import gradserve_pb2 as pb
+
+    dtype = getattr(torch, args.dtype, None)
     if not isinstance(dtype, torch.dtype):
-        raise SystemExit(f"gradserve call: --dtype {dtype_name!r} is not a torch dtype")
-    args = [_parse_arg(a, dtype) for a in raw_args]
-    result = client.forward_backward(name, *args)
-    outputs = result.outputs if isinstance(result.outputs, tuple) else (result.outputs,)
-    for i, out in enumerate(outputs):
-        print(f"output {i}: {_show(out)}")
-    for i, grad in enumerate(result.grads):
-        print(f"grad {i}:   {'none' if grad is None else _show(grad)}")
+        raise SystemExit(f"gradserve call: --dtype {args.dtype!r} is not a torch dtype")
+    values = [_parse_arg(a, dtype) for a in args.args]
+    try:
+        request = pb.ForwardBackwardRequest(function=args.name, args=[codec.encode_value(v) for v in values])
+    except codec.CodecError as exc:
+        raise SystemExit(f"gradserve call: {exc}") from None
+    reply = stub.ForwardBackward(request, timeout=args.timeout_s)
+    for i, out in enumerate(reply.outputs):
+        print(f"output {i}: {_show(codec.decode_tensor(out))}")
+    for i, grad in enumerate(reply.grads):
+        decoded = codec.decode_maybe_tensor(grad)
+        print(f"grad {i}:   {'none' if decoded is None else _show(decoded.to_dense())}")
     return 0
 
 

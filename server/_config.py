@@ -87,7 +87,10 @@ def _flag(name: str) -> str:
 _HELP = {
     "host": "address to bind; 127.0.0.1 by default, 0.0.0.0 must be asked for",
     "port": "TCP port; 0 picks a free one (it is logged)",
-    "functions": "module that registers Functions; repeatable. Default: gradserve.server.examples",
+    "functions": (
+        "module that registers Functions: a dotted name (found on PYTHONPATH or in the current directory) "
+        "or a .py file path; repeatable. Default: gradserve.server.examples"
+    ),
     "device": "auto (CUDA when present, else CPU), cpu, cuda or cuda:N",
     "max_workers": "forward/backward computations run at once; more calls wait, while health and ListFunctions still answer",
     "intra_op_threads": "torch intra-op threads; 0 = the CPU quota of this container (cgroup), not the host's core count",

@@ -67,10 +67,13 @@ def _check_grads(name: str, meta: Sequence[Any], grads: Any) -> tuple[Any, ...]:
             raise BackwardContractError(
                 f"{name} backward: gradient for argument {i}: got shape {list(grad.shape)}, expected {list(shape)}"
             )
-        if grad.dtype != dtype:
+        # torch casts a gradient to its input's dtype (a float64 gradient for a float32 input of a
+        # mixed-precision call); only a complex gradient for a real input has no meaning.
+        castable = grad.is_floating_point() or (grad.is_complex() and dtype.is_complex)
+        if grad.dtype != dtype and not castable:
             raise BackwardContractError(
                 f"{name} backward: gradient for argument {i}: got dtype {_dtype_name(grad.dtype)}, "
-                f"expected {_dtype_name(dtype)} (the argument's dtype)"
+                f"expected {_dtype_name(dtype)} (the argument's dtype) or another floating dtype torch casts to it"
             )
     return grads
 

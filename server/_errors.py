@@ -2,7 +2,7 @@
 
 The runtime raises these without importing grpc; the servicer turns them into a status in
 one place (``_servicer._abort``). The client turns statuses back into
-``gradserve.client.GradServeError`` subclasses in one place too.
+its own ``GradServeError`` subclasses in one place too.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from gradserve.client import codec
+from gradserve.v1 import codec
 
 from ._errors import HandleNotFound
 from ._registry import RegisteredFunction

@@ -68,6 +68,11 @@ class RegisteredFunction:
         Whether the Function's backward may itself be differentiated
         (``create_graph=True``); gradgradcheck is run. Plain callables always may
         (autograd derives their backward).
+    uses_rng
+        Whether the Function may draw random numbers (the default). Such Functions run
+        one at a time, with seeded generators whose seed a recompute replays; register
+        a deterministic Function with ``uses_rng=False`` to let its calls run
+        concurrently (``gradserve check`` verifies it draws none).
     supports_complex
         Whether the Function accepts complex inputs; ``gradserve check`` then also runs
         gradcheck on complex128 inputs (PyTorch's conjugate Wirtinger convention).
@@ -85,6 +90,7 @@ class RegisteredFunction:
     version: str
     sample_inputs: Callable[[], tuple[Any, ...]] | None = field(default=None, repr=False)
     double_backward: bool = False
+    uses_rng: bool = True
     supports_complex: bool = False
     gradcheck: bool = True
     skip_reason: str = ""
@@ -123,10 +129,12 @@ class RegisteredFunction:
         try:
             bound = self._signature.bind(*args, **kwargs)
         except TypeError as exc:
+            given = f"{len(args)}" + (f" positional and {len(kwargs)} keyword" if kwargs else "")
+            if self.num_inputs is not None and self.required_inputs > self.num_inputs:  # keyword-only parameters
+                raise TypeError(f"{self.name}{self.signature}: {exc} (got {given} arguments)") from None
             most = "any number of" if self.num_inputs is None else str(self.num_inputs)
             counts = most if self.required_inputs == self.num_inputs else f"{self.required_inputs} to {most}"
             noun = "argument" if counts == "1" else "arguments"
-            given = f"{len(args)}" + (f" positional and {len(kwargs)} keyword" if kwargs else "")
             raise TypeError(
                 f"{self.name} takes {counts} {noun}, got {given}: {exc}; signature {self.name}{self.signature}"
             ) from None
@@ -198,8 +206,8 @@ class Registry:
         name
             Name callers use; defaults to the object's ``__name__``.
         **options
-            ``version``, ``sample_inputs``, ``double_backward``, ``supports_complex``,
-            ``gradcheck``, ``skip_reason``: see :class:`RegisteredFunction`.
+            ``version``, ``sample_inputs``, ``double_backward``, ``uses_rng``,
+            ``supports_complex``, ``gradcheck``, ``skip_reason``: see :class:`RegisteredFunction`.
 
         Raises
         ------
@@ -286,7 +294,7 @@ def register(name: str | None = None, **options: Any) -> Callable[[F], F]:
 
     Parameters and errors are those of :meth:`Registry.register`; a duplicate name is an
     error when the second module is imported (at server load time). ``options``:
-    ``version``, ``sample_inputs``, ``double_backward``, ``supports_complex``,
+    ``version``, ``sample_inputs``, ``double_backward``, ``uses_rng``, ``supports_complex``,
     ``gradcheck``, ``skip_reason`` (see :class:`RegisteredFunction`).
     """
     return registry.register(name, **options)

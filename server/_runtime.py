@@ -182,13 +182,15 @@ class Runtime:
 
     - Grad mode in forward is on unless the caller asks otherwise, as in PyTorch, so a
       Function may differentiate inside its forward.
-    - Randomness: every forward runs with the random generators (CPU and the device)
-      seeded from a seed drawn from the global generator, inside
-      ``torch.random.fork_rng``, one forward at a time (the generators are
-      process-wide). When the forward drew numbers, the seed is returned
+    - Randomness: a forward runs with the random generators (CPU and the device)
+      seeded from the caller's seed (or one drawn from the global generator), inside
+      ``torch.random.fork_rng``. When it drew numbers, the seed is returned
       (:class:`RngReplay`) and a recompute replays it, as ``torch.utils.checkpoint``'s
-      ``preserve_rng_state``. Randomness drawn in a backward is not replayed (it is
-      not part of the forward's result).
+      ``preserve_rng_state``. The generators are process-wide, so the forwards and
+      backwards of Functions that may draw random numbers run one at a time; those
+      registered with ``uses_rng=False`` run concurrently, outside that lock.
+      Randomness drawn in a backward is not replayed (it is not part of the
+      forward's result).
     - Higher order: a backward with ``keep_graph`` runs with ``create_graph=True`` and
       keeps the graph of its gradients, for a backward of the next order, by handle
       or by recompute (``lower_order``).
@@ -233,6 +235,7 @@ class Runtime:
         *,
         keep_graph: bool = False,
         grad_enabled: bool = True,
+        seed: int | None = None,
         is_active: Callable[[], bool] = _always,
         owner: str = "",
         defer_keep: bool = False,
@@ -256,6 +259,8 @@ class Runtime:
             Do not store the graph yet: the result carries its future handle and the
             graph in ``pending``, and :meth:`keep` stores it once the reply is sure to
             go out (a refused reply then keeps nothing and evicts nothing).
+        seed
+            Seed of the random generators (the caller's); None draws one.
 
         Raises
         ------
@@ -264,7 +269,7 @@ class Runtime:
         """
         entry = self.function(name)
         inputs, call = self._prepare(entry, args, kwargs)
-        outputs, returns_tuple, rng = self._run_forward(entry, call, is_active, grad_enabled=grad_enabled)
+        outputs, returns_tuple, rng = self._run_forward(entry, call, is_active, grad_enabled=grad_enabled, seed=seed)
         result = self._result(entry, outputs, returns_tuple, rng)
         _ensure_active(is_active, entry, "keeping the graph")
         if keep_graph and any(result.differentiable):
@@ -334,7 +339,7 @@ class Runtime:
                 f"{name}: the forward ran version {version[:64]}, this server serves version {entry.version}; "
                 "run the forward again"
             )
-        if keep_graph and not entry.differentiable_backward:
+        if (keep_graph or lower_order) and not entry.differentiable_backward:
             why = (
                 "its backward is marked @once_differentiable"
                 if entry.once_differentiable
@@ -373,6 +378,7 @@ class Runtime:
         grad_outputs: Sequence[torch.Tensor | None] | None = None,
         is_active: Callable[[], bool] = _always,
         kwargs: Mapping[str, Any] | None = None,
+        seed: int | None = None,
     ) -> tuple[ForwardResult, list[torch.Tensor | None]]:
         """Forward, then backward on the same graph; nothing is kept. Errors as both.
 
@@ -380,7 +386,7 @@ class Runtime:
         """
         entry = self.function(name)
         inputs, call = self._prepare(entry, args, kwargs)
-        outputs, returns_tuple, rng = self._run_forward(entry, call, is_active)
+        outputs, returns_tuple, rng = self._run_forward(entry, call, is_active, seed=seed)
         cotangents = self._check_grad_outputs(entry, outputs, grad_outputs, 0)
         grads = self._vjp(entry, _Chain(inputs, outputs, 0), cotangents, False, is_active).grads
         return self._result(entry, outputs, returns_tuple, rng), grads
@@ -418,15 +424,16 @@ class Runtime:
         """Rebuild the graph a backward of order ``len(lower_order) + 1`` differentiates."""
         if rng is not None and (rng.device_type != self.device.type or rng.torch_version != torch.__version__):
             raise RngMismatch(
-                f"{entry.name}: the forward drew random numbers on {rng.device_type} with torch {rng.torch_version[:32]}; "
+                f"{entry.name}: the forward drew random numbers on {rng.device_type[:16]!r} "
+                f"with torch {rng.torch_version[:32]!r}; "
                 f"this server runs on {self.device.type} with torch {torch.__version__} and cannot draw the same numbers "
                 "again. Run the forward again, or send the backward to a server like the one that ran it"
             )
         inputs, call = self._prepare(entry, args, kwargs)
         outputs, _, _ = self._run_forward(entry, call, is_active, replay=rng)
         chain = _Chain(inputs, outputs, 0)
-        for cotangents in lower_order:
-            checked = self._check_grad_outputs(entry, chain.outputs, cotangents, chain.order)
+        for k, cotangents in enumerate(lower_order):
+            checked = self._check_grad_outputs(entry, chain.outputs, cotangents, chain.order, f"lower_order[{k}]")
             chain = self._differentiate(entry, chain, checked, True)
         return chain
 
@@ -437,23 +444,32 @@ class Runtime:
         is_active: Callable[[], bool],
         *,
         grad_enabled: bool = True,
+        seed: int | None = None,
         replay: RngReplay | None = None,
     ) -> tuple[tuple[torch.Tensor, ...], bool, RngReplay | None]:
         """Run forward with seeded generators: (outputs, returned a tuple, the seed if it drew numbers)."""
         _ensure_active(is_active, entry, "forward")
         args, kwargs = call
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with self._rng_lock:  # the generators are process-wide: one seeded forward at a time
-            seed = replay.seed if replay is not None else int(torch.randint(0, 2**63 - 1, ()).item())
-            with torch.random.fork_rng(devices=devices, device_type="cuda"):
-                torch.default_generator.manual_seed(seed)
-                if devices:
-                    torch.cuda.default_generators[devices[0]].manual_seed(seed)
-                before = self._rng_states()
-                with self._guard(entry, "forward"), torch.set_grad_enabled(grad_enabled):
-                    out = entry.apply(*args, **kwargs)
-                drew = not all(torch.equal(a, b) for a, b in zip(before, self._rng_states()))
-        rng = RngReplay(seed, self.device.type, torch.__version__) if drew else None
+        rng = None
+        if not entry.uses_rng:  # declared deterministic: concurrent, nothing to replay
+            with self._guard(entry, "forward"), torch.set_grad_enabled(grad_enabled):
+                out = entry.apply(*args, **kwargs)
+        else:
+            devices = [self.device.index or 0] if self.device.type == "cuda" else []
+            with self._rng_lock:  # the generators are process-wide: one Function drawing at a time
+                if replay is not None:
+                    seed = replay.seed
+                elif seed is None:
+                    seed = int(torch.randint(0, 2**63 - 1, ()).item())
+                with torch.random.fork_rng(devices=devices, device_type="cuda"):
+                    torch.default_generator.manual_seed(seed)
+                    if devices:
+                        torch.cuda.default_generators[devices[0]].manual_seed(seed)
+                    before = self._rng_states()
+                    with self._guard(entry, "forward"), torch.set_grad_enabled(grad_enabled):
+                        out = entry.apply(*args, **kwargs)
+                    drew = not all(torch.equal(a, b) for a, b in zip(before, self._rng_states()))
+            rng = RngReplay(seed, self.device.type, torch.__version__) if drew else None
         if isinstance(out, torch.Tensor):
             self._check_finite(entry, "output", (out,))
             return (out,), False, rng
@@ -522,7 +538,9 @@ class Runtime:
         grads: list[torch.Tensor | None] = [None] * len(chain.inputs)
         if pairs and wanted:
             phase = "backward" if chain.order == 0 else f"backward of order {chain.order + 1}"
-            with self._guard(entry, phase), torch.enable_grad() if create_graph else contextlib.nullcontext():
+            # A backward that draws random numbers must not shift a seeded forward's stream.
+            lock = self._rng_lock if entry.uses_rng else contextlib.nullcontext()
+            with lock, self._guard(entry, phase), torch.enable_grad() if create_graph else contextlib.nullcontext():
                 computed = torch.autograd.grad(
                     [o for o, _ in pairs],
                     [chain.inputs[i] for i in wanted],
@@ -553,6 +571,7 @@ class Runtime:
         outputs: tuple[torch.Tensor | None, ...],
         grad_outputs: Sequence[torch.Tensor | None] | None,
         order: int,
+        field: str = "grad_outputs",
     ) -> list[torch.Tensor | None]:
         what = "output" if order == 0 else f"order-{order} gradient"
         if grad_outputs is None or len(grad_outputs) == 0:
@@ -563,7 +582,7 @@ class Runtime:
                 for o in outputs
             ]
         if len(grad_outputs) != len(outputs):
-            raise InvalidArgument(f"{entry.name} returned {len(outputs)} {what}(s), got {len(grad_outputs)} grad_outputs")
+            raise InvalidArgument(f"{entry.name} returned {len(outputs)} {what}(s), got {len(grad_outputs)} {field}")
         checked: list[torch.Tensor | None] = []
         for i, (o, g) in enumerate(zip(outputs, grad_outputs)):
             if g is None:
@@ -571,10 +590,10 @@ class Runtime:
                 continue
             if o is None or not o.requires_grad:
                 kind = "is absent (None)" if o is None else f"({_dtype_name(o.dtype)}) is not differentiable"
-                raise InvalidArgument(f"{entry.name} {what} {i} {kind}; send none as its grad_output")
+                raise InvalidArgument(f"{entry.name} {what} {i} {kind}; send none as its entry of {field}")
             if g.shape != o.shape or g.dtype != o.dtype:
                 raise InvalidArgument(
-                    f"{entry.name} grad_outputs[{i}]: expected {_dtype_name(o.dtype)} "
+                    f"{entry.name} {field}[{i}]: expected {_dtype_name(o.dtype)} "
                     f"of shape {list(o.shape)}, got {_dtype_name(g.dtype)} of shape {list(g.shape)}"
                 )
             checked.append(self._to_device(g))

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.v1.connection import SERVER_KEEPALIVE_POLICY
 
 from ._admission import AdmissionExecutor, ByteBudget, ConcurrencyLimit, IdleWatchdog
 from ._auth import TokenAuthInterceptor, load_tokens
@@ -153,21 +154,6 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
-KEEPALIVE_POLICY = {
-    # Clients may ping every 10 s or more, also on idle connections and during a long call
-    # (gradserve clients ping every 30 s). A client pinging faster gets GOAWAY after 2
-    # strikes; its call fails UNAVAILABLE and is not run again.
-    "grpc.keepalive_permit_without_calls": 1,
-    "grpc.http2.min_recv_ping_interval_without_data_ms": 10_000,
-    "grpc.http2.min_ping_interval_without_data_ms": 10_000,
-    "grpc.http2.max_ping_strikes": 2,
-    # The server's own pings find dead peers of idle connections.
-    "grpc.keepalive_time_ms": 60_000,
-    "grpc.keepalive_timeout_ms": 20_000,
-}
-"""gRPC server options of the keepalive policy (documented in the README, "Operations")."""
-
-
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -259,7 +245,7 @@ def create_server(
             ("grpc.max_receive_message_length", min(config.max_request_bytes, 2**31 - 1)),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),
-            *KEEPALIVE_POLICY.items(),
+            *SERVER_KEEPALIVE_POLICY.items(),
         ],
     )
     pb_grpc.add_GradientServiceServicer_to_server(servicer, server)

@@ -31,7 +31,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from gradserve.client import codec, streaming
+from gradserve.v1 import codec, streaming
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
@@ -469,6 +469,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             kwargs,
             keep_graph=request.keep_graph,
             grad_enabled=not request.no_grad,
+            seed=request.seed if request.HasField("seed") else None,
             is_active=context.is_active,
             owner=call.owner,
             defer_keep=True,
@@ -544,7 +545,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         args = self._decode_args(request.function, request.args, io)
         grad_outputs = self._decode_grad_outputs(request.function, request.grad_outputs, io)
         kwargs = self._decode_kwargs(request.function, request.kwargs, io)
-        result, grads = self.runtime.forward_backward(request.function, args, grad_outputs, context.is_active, kwargs)
+        seed = request.seed if request.HasField("seed") else None
+        result, grads = self.runtime.forward_backward(request.function, args, grad_outputs, context.is_active, kwargs, seed)
         self._check_outputs(call, [*result.outputs, *grads], io, "output or gradient")
         return pb.ForwardBackwardResponse(
             outputs=_encode_outputs(request.function, result, io),
@@ -552,9 +554,14 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             grads=_encode_grads(request.function, grads, io),
         )
 
+    @property
+    def _limits(self) -> dict[str, Any]:
+        """Size limits of a decoded argument: bytes, and the element count of a sparse one."""
+        return {"max_tensor_bytes": self.max_tensor_bytes, "max_sparse_numel": codec.MAX_SPARSE_NUMEL}
+
     def _decode_args(self, function: str, values: Any, io: _Payloads) -> list[Any]:
         return [
-            codec.decode_value(v, max_tensor_bytes=self.max_tensor_bytes, what=f"{function} argument {i}", payloads=io.incoming)
+            codec.decode_value(v, **self._limits, what=f"{function} argument {i}", payloads=io.incoming)
             for i, v in enumerate(values)
         ]
 
@@ -565,7 +572,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             if item.name in kwargs:
                 raise codec.CodecError(f"{function}: keyword argument {shown} given twice")
             kwargs[item.name] = codec.decode_value(
-                item.value, max_tensor_bytes=self.max_tensor_bytes, what=f"{function} argument {shown}", payloads=io.incoming
+                item.value, **self._limits, what=f"{function} argument {shown}", payloads=io.incoming
             )
         return kwargs
 
@@ -574,9 +581,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             return None
         decoded = []
         for i, v in enumerate(values):
-            g = codec.decode_maybe_tensor(
-                v, max_bytes=self.max_tensor_bytes, what=f"{function} {what}[{i}]", payloads=io.incoming
-            )
+            limits = {"max_bytes": self.max_tensor_bytes, "max_sparse_numel": codec.MAX_SPARSE_NUMEL}
+            g = codec.decode_maybe_tensor(v, **limits, what=f"{function} {what}[{i}]", payloads=io.incoming)
             if g is not None and getattr(v, v.WhichOneof("kind")).requires_grad and (g.is_floating_point() or g.is_complex()):
                 g.requires_grad_(True)  # a leaf of the graph a keep_graph backward keeps
             decoded.append(g)

@@ -23,7 +23,7 @@ def _sample(*shape: int, scale: float = 1.0) -> torch.Tensor:
 __all__ = ["CubePlusSquare", "Linear", "LogSumExp", "MaxWithIndex", "Softplus", "Square", "StraightThroughSign", "scale"]
 
 
-@register("square", double_backward=True, supports_complex=True)
+@register("square", uses_rng=False, double_backward=True, supports_complex=True)
 class Square(torch.autograd.Function):
     """y = x ** 2, elementwise; dy/dx = 2x. At x = 1: y = 1, dy/dx = 2.
 
@@ -43,7 +43,7 @@ class Square(torch.autograd.Function):
         return grad_output * (2 * x).conj()
 
 
-@register("cube_plus_square", double_backward=True, supports_complex=True)
+@register("cube_plus_square", uses_rng=False, double_backward=True, supports_complex=True)
 class CubePlusSquare(torch.autograd.Function):
     """f(x, y) = x ** 3 + y ** 2, elementwise; df/dx = 3x², df/dy = 2y. At (2, 3): f = 17, 12, 6.
 
@@ -74,7 +74,12 @@ def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad if grad.shape == shape else grad.sum_to_size(shape)
 
 
-@register("straight_through_sign", gradcheck=False, skip_reason="surrogate gradient by design (straight-through estimator)")
+@register(
+    "straight_through_sign",
+    uses_rng=False,
+    gradcheck=False,
+    skip_reason="surrogate gradient by design (straight-through estimator)",
+)
 class StraightThroughSign(torch.autograd.Function):
     """sign(x) forward; the straight-through estimator backward (Bengio et al. 2013, "hardtanh" STE).
 
@@ -93,7 +98,7 @@ class StraightThroughSign(torch.autograd.Function):
         return grad_output * (x.abs() <= 1).to(grad_output.dtype)
 
 
-@register("softplus", double_backward=True, sample_inputs=lambda: (_sample(6, scale=30),))
+@register("softplus", uses_rng=False, double_backward=True, sample_inputs=lambda: (_sample(6, scale=30),))
 class Softplus(torch.autograd.Function):
     """softplus(x) = log(1 + exp(x)), computed stably as max(x, 0) + log1p(exp(-|x|)).
 
@@ -112,7 +117,7 @@ class Softplus(torch.autograd.Function):
         return grad_output * torch.sigmoid(x)
 
 
-@register("logsumexp", double_backward=True, sample_inputs=lambda: (_sample(3, 5),))
+@register("logsumexp", uses_rng=False, double_backward=True, sample_inputs=lambda: (_sample(3, 5),))
 class LogSumExp(torch.autograd.Function):
     """log(sum(exp(x), dim=-1)), stable by subtracting the row max; gradient softmax(x).
 
@@ -134,7 +139,13 @@ class LogSumExp(torch.autograd.Function):
         return grad_output.unsqueeze(-1) * softmax
 
 
-@register("linear", double_backward=True, supports_complex=True, sample_inputs=lambda: (_sample(4, 3), _sample(2, 3), _sample(2)))
+@register(
+    "linear",
+    uses_rng=False,
+    double_backward=True,
+    supports_complex=True,
+    sample_inputs=lambda: (_sample(4, 3), _sample(2, 3), _sample(2)),
+)
 class Linear(torch.autograd.Function):
     """y = x @ weight.T + bias, like ``torch.nn.functional.linear``, with a hand-written backward.
 
@@ -160,7 +171,7 @@ class Linear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-@register("max_with_index", sample_inputs=lambda: (_sample(3, 5),))
+@register("max_with_index", uses_rng=False, sample_inputs=lambda: (_sample(3, 5),))
 class MaxWithIndex(torch.autograd.Function):
     """Row maximum and its index: x [..., n] -> (values [...], indices [...] int64).
 
@@ -183,7 +194,7 @@ class MaxWithIndex(torch.autograd.Function):
         return grad.scatter(-1, indices.unsqueeze(-1), grad_values.unsqueeze(-1))
 
 
-@register("scale", double_backward=True, supports_complex=True, sample_inputs=lambda: (_sample(4), 2.5))
+@register("scale", uses_rng=False, double_backward=True, supports_complex=True, sample_inputs=lambda: (_sample(4), 2.5))
 def scale(x: torch.Tensor, k: float) -> torch.Tensor:
     """k * x: a plain differentiable callable with a scalar parameter (autograd derives backward)."""
     return x * k

@@ -64,7 +64,7 @@ class BadGradShape(torch.autograd.Function):
 
 @register("bad_grad_dtype")
 class BadGradDtype(torch.autograd.Function):
-    """Backward returns a float64 gradient for a float32 input."""
+    """Backward returns an int64 gradient for a floating input (torch would cast another floating dtype)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +72,7 @@ class BadGradDtype(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
-        return g.double() if g.dtype != torch.float64 else g.float()
+        return g.to(torch.int64)
 
 
 @register("grad_for_scalar", sample_inputs=lambda: (torch.ones(3, dtype=torch.float64, requires_grad=True), 2.0))

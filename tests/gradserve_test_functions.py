@@ -174,3 +174,38 @@ class OnceDifferentiableSquare(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         return 2 * x * g
+
+
+@register("random_backward")
+class RandomBackward(torch.autograd.Function):
+    """Identity whose backward draws (and discards) random numbers: noise for other callers' streams."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        torch.randn(100_000)
+        return g
+
+
+@register("work_then_dropout")
+def work_then_dropout(x: torch.Tensor) -> torch.Tensor:
+    """Some work (during which other threads run), then dropout: the mask must survive a recompute."""
+    h = x
+    for _ in range(10):
+        h = torch.tanh(h @ torch.eye(h.shape[-1], dtype=h.dtype))
+    return torch.nn.functional.dropout(h, p=0.5, training=True)
+
+
+@register("deterministic_liar", uses_rng=False)
+def deterministic_liar(x: torch.Tensor) -> torch.Tensor:
+    """Registered with uses_rng=False, yet draws random numbers: gradserve check must fail it."""
+    return x * torch.rand(())
+
+
+@register("keyword_only")
+def keyword_only(x: torch.Tensor, *, w: float) -> torch.Tensor:
+    """w * x, w keyword-only."""
+    return x * w

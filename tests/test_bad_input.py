@@ -13,10 +13,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gradserve.client import GradientClient, HandleNotFoundError, codec
+from gradserve.client import GradientClient, HandleNotFoundError
 from gradserve.client._core import Plan
 from gradserve.client._errors import from_rpc_error
 from gradserve.server import RunningServer, ServerConfig, create_server, registry
+from gradserve.v1 import codec
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
@@ -211,7 +212,7 @@ def test_function_failures_name_the_function(stub: pb_grpc.GradientServiceStub) 
         "got shape [2, 5], expected [2, 3]",
     )
     fails(
-        stub.ForwardBackward, fb_request("bad_grad_dtype", leaf(2)), FAILED, "argument 0", "got dtype float64, expected float32"
+        stub.ForwardBackward, fb_request("bad_grad_dtype", leaf(2)), FAILED, "argument 0", "got dtype int64, expected float32"
     )
     fails(
         stub.ForwardBackward,

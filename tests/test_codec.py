@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradserve.client import codec
+from gradserve.v1 import codec
 from gradserve.v1 import gradserve_pb2 as pb
 
 DTYPES = list(codec.DTYPE_TO_WIRE)

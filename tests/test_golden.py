@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from gradserve.client import codec
 from gradserve.server import RunningServer
+from gradserve.v1 import codec
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 

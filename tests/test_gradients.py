@@ -9,6 +9,7 @@ single messages and streamed.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -16,16 +17,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ServerProcess
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradserve.client import ArgumentError, FunctionFailedError, GradientClient, InvalidArgumentError
+from gradserve.client import (
+    ArgumentError,
+    FunctionFailedError,
+    GradientClient,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
 from gradserve.client._messages import payload_list
 from gradserve.server import RunningServer, ServerConfig, create_server, registry
 from gradserve.server._checks import check_function
 from gradserve.server._errors import RngMismatch
 from gradserve.server._registry import Registry
 from gradserve.server._runtime import RngReplay, Runtime
+from gradserve.v1 import codec
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
@@ -208,13 +217,80 @@ def test_recompute_refuses_randomness_from_another_kind_of_server() -> None:
     assert forwarded.rng is not None and forwarded.rng.device_type == "cpu"
     again = runtime.backward("dropout", args=[x], rng=forwarded.rng).grads[0]
     assert torch.equal(again, forwarded.outputs[0])  # x = 1: dy/dx = y
-    with pytest.raises(RngMismatch, match="drew random numbers on cuda"):
+    with pytest.raises(RngMismatch, match="drew random numbers on 'cuda'"):
         runtime.backward("dropout", args=[x], rng=RngReplay(forwarded.rng.seed, "cuda", torch.__version__))
 
 
 def test_check_runs_a_random_function_on_fixed_draws() -> None:
     result = check_function(registry.get("dropout"))
     assert (result.first_order, result.second_order) == ("pass", "pass"), result.detail
+
+
+@pytest.fixture(scope="module")
+def recompute_process() -> Iterator[ServerProcess]:
+    """A server in its own process (one in the callers' process shares torch's generators with them)."""
+    with ServerProcess("--functions", "gradserve_test_functions", "--max-handle-bytes", "0", "--log-level", "WARNING") as server:
+        yield server
+
+
+def test_random_backwards_of_other_callers_do_not_shift_a_replayed_mask(recompute_process: ServerProcess) -> None:
+    """Backwards that draw random numbers, beside forwards whose draws must replay: every backward
+    here recomputes, so a mask drawn from a shifted stream would show as a wrong gradient."""
+    client = GradientClient(recompute_process.target, timeout=60)
+    stop = threading.Event()
+
+    def noise() -> None:
+        while not stop.is_set():
+            x = torch.ones(8, requires_grad=True)
+            client.function("random_backward")(x).sum().backward()
+
+    noisy = [threading.Thread(target=noise) for _ in range(3)]
+    for t in noisy:
+        t.start()
+    wrong = 0
+    try:
+        for _ in range(40):
+            x = torch.randn(4, 64, dtype=torch.float64, requires_grad=True)
+            y = client.function("work_then_dropout")(x)
+            y.sum().backward()
+            wrong += int(((x.grad == 0) != (y.detach() == 0)).any())  # zero gradient exactly where dropped
+    finally:
+        stop.set()
+        for t in noisy:
+            t.join(timeout=30)
+        client.close()
+    assert wrong == 0
+
+
+def test_reentrant_checkpoint_replays_remote_randomness(remote: GradientClient) -> None:
+    """torch.utils.checkpoint(use_reentrant=True) re-runs the forward after restoring the caller's
+    generator: the server's draws follow, because the seed comes from the caller's generator."""
+    f = remote.function("dropout")
+    x = torch.full((256,), 2.0, dtype=torch.float64, requires_grad=True)
+    y = torch.utils.checkpoint.checkpoint(lambda t: f(t) * 1.0, x, use_reentrant=True, preserve_rng_state=True)
+    y.sum().backward()
+    assert 50 < int((y != 0).sum()) < 206
+    assert torch.equal(x.grad, y.detach() / 2)
+
+
+def test_the_callers_manual_seed_decides_remote_randomness(remote: GradientClient) -> None:
+    torch.manual_seed(7)
+    first = remote.forward("dropout", torch.ones(64))
+    torch.manual_seed(7)
+    assert torch.equal(remote.forward("dropout", torch.ones(64)), first)
+
+
+def test_check_fails_a_function_that_draws_despite_uses_rng_false() -> None:
+    result = check_function(registry.get("deterministic_liar"))
+    assert result.first_order == "fail" and "declared uses_rng=False, but its forward drew random numbers" in result.detail
+
+
+def test_deterministic_functions_run_concurrently() -> None:
+    """Built-in examples are registered uses_rng=False: they do not wait behind a random Function."""
+    runtime = Runtime(registry)
+    assert not registry.get("square").uses_rng and registry.get("dropout").uses_rng
+    with runtime._rng_lock:  # as if a random Function were running
+        assert runtime.forward("square", [leaf([3.0])]).outputs[0].tolist() == [9.0]
 
 
 # -- 3. complex numbers ---------------------------------------------------------------------
@@ -297,6 +373,23 @@ def test_bad_keyword_arguments_are_refused(remote: GradientClient) -> None:
         remote.forward("scale", leaf([1.0]), 2.0, k=3.0)
 
 
+def test_keyword_only_parameters(remote: GradientClient) -> None:
+    assert remote.forward("keyword_only", leaf([1.0, 2.0]), w=3.0).tolist() == [3.0, 6.0]
+    with pytest.raises(InvalidArgumentError, match=r"keyword_only\(x, \*, w\): missing a required argument: 'w'"):
+        remote.forward("keyword_only", leaf([1.0]))
+
+
+def test_mixed_precision_gradients_are_cast_as_torch_does(remote: GradientClient) -> None:
+    x, y = torch.tensor([2.0], requires_grad=True), torch.tensor([3.0], dtype=torch.float64, requires_grad=True)
+    grads = remote.forward_backward("cube_plus_square", x, y).grads
+    xl, yl = x.detach().requires_grad_(), y.detach().requires_grad_()
+    from gradserve.server.examples import CubePlusSquare
+
+    CubePlusSquare.apply(xl, yl).sum().backward()  # torch casts the float64 gradient of x to float32
+    assert (grads[0].dtype, grads[1].dtype) == (xl.grad.dtype, yl.grad.dtype) == (torch.float32, torch.float64)
+    assert grads[0].tolist() == xl.grad.tolist() == [12.0] and grads[1].tolist() == yl.grad.tolist() == [6.0]
+
+
 def test_a_repeated_keyword_is_refused(servers: dict[str, RunningServer]) -> None:
     k = pb.Value(float_value=2.0)
     x = pb.Value(tensor=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1], data=bytes(4)))
@@ -370,6 +463,45 @@ def test_numpy_big_endian_arrays_and_scalars(remote: GradientClient) -> None:
     assert remote.forward("scale", torch.tensor([1.0, 2.0]), np.int64(3)).tolist() == [3.0, 6.0]
     with pytest.raises(ArgumentError, match="numpy array of dtype object cannot be sent"):
         remote.forward("scale", np.array([object()]), 2.0)
+
+
+def test_numpy_zero_dim_strings_and_unsupported_dtypes(remote: GradientClient) -> None:
+    assert remote.forward("square", np.array(3.0)).shape == torch.Size([])  # 0-d stays 0-d
+    assert remote.forward("scale", torch.tensor([1.0]), np.float64(2.5)).tolist() == [2.5]
+    assert codec.encode_value(np.str_("x")).string_value == "x"
+    with pytest.raises(ArgumentError, match="dtype float128 cannot be sent"):
+        remote.forward("square", np.array([1.0], np.longdouble))
+
+
+def test_vmap_through_a_remote_step_is_refused_clearly(remote: GradientClient) -> None:
+    f = remote.function("square")
+    with pytest.raises(ArgumentError, match="cannot run under torch.func transforms"):
+        torch.autograd.functional.jacobian(lambda t: f(t), torch.ones(3), vectorize=True)
+    jac = torch.autograd.functional.jacobian(lambda t: f(t), torch.tensor([1.0, 2.0]), vectorize=False)
+    assert jac.tolist() == [[2.0, 0.0], [0.0, 4.0]]
+
+
+def test_huge_sparse_arguments_are_refused_and_the_server_lives(remote: GradientClient) -> None:
+    """torch's sparse kernels divide by zero on 2**32 elements (SIGFPE killed the server)."""
+    huge = torch.sparse_coo_tensor(torch.tensor([[0, 1]]), torch.tensor([1.0, 2.0]), [2**32], check_invariants=True)
+    with pytest.raises(ResourceExhaustedError, match="at most 2147483647 are accepted"):
+        remote.forward("square", huge)
+    assert remote.forward("square", torch.tensor([3.0])).tolist() == [9.0]
+
+
+def test_second_order_recompute_of_a_first_order_function_is_refused(servers: dict[str, RunningServer]) -> None:
+    x = pb.Value(tensor=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1, 2], data=bytes(8), requires_grad=True))
+    one = pb.MaybeTensor(tensor=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1], data=bytes.fromhex("0000803f")))
+    request = pb.BackwardRequest(
+        function="max_with_index",
+        recompute=pb.Arguments(values=[x]),
+        lower_order=[pb.Cotangents(values=[one, pb.MaybeTensor(none=0)])],
+        grad_outputs=[pb.MaybeTensor(tensor=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1, 2], data=bytes(8)))],
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{servers['handle'].port}") as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.GradientServiceStub(channel).Backward(request, timeout=10)
+    assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION and "cannot be differentiated twice" in err.value.details()
 
 
 def test_large_numpy_arrays_stream_like_tensors(remote: GradientClient) -> None:

@@ -26,7 +26,7 @@ from conftest import TESTS, ServerProcess, free_port, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from gradserve.client import codec
+from gradserve.v1 import codec
 from gradserve.server import Registry, RunningServer, ServerConfig, create_server
 from gradserve.server import _servicer
 from gradserve.server._config import add_serve_arguments, config_from_args
@@ -390,7 +390,7 @@ def test_stream_call_is_logged_with_its_real_final_code(caplog: pytest.LogCaptur
 
 
 def codec_chunks(payloads: list[torch.Tensor]) -> list[bytes]:
-    from gradserve.client import streaming
+    from gradserve.v1 import streaming
 
     return list(streaming.chunks(payloads, chunk_bytes=64 * 1024))
 

@@ -26,11 +26,11 @@ from gradserve.client import (
     PermissionDeniedError,
     UnauthenticatedError,
     UnavailableError,
-    codec,
 )
 from gradserve.server import Registry, RunningServer, ServerConfig, create_server, examples, registry
 from gradserve.server._config import add_serve_arguments, config_from_args
 from gradserve.server._logging import JsonFormatter
+from gradserve.v1 import codec
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 

@@ -17,9 +17,9 @@ from gradserve.client import (
     GradientClient,
     InvalidArgumentError,
     ResourceExhaustedError,
-    codec,
 )
 from gradserve.server import RunningServer, ServerConfig, create_server, examples, registry
+from gradserve.v1 import codec
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 

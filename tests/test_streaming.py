@@ -9,8 +9,9 @@ import grpc
 import pytest
 import torch
 
-from gradserve.client import AsyncGradientClient, GradientClient, InvalidArgumentError, ResourceExhaustedError, codec, streaming
+from gradserve.client import AsyncGradientClient, GradientClient, InvalidArgumentError, ResourceExhaustedError
 from gradserve.server import RunningServer, ServerConfig, create_server, registry
+from gradserve.v1 import codec, streaming
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 

@@ -156,18 +156,20 @@ class ListFunctionsResponse(_message.Message):
     def __init__(self, functions: _Optional[_Iterable[_Union[FunctionInfo, _Mapping]]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("function", "args", "keep_graph", "kwargs", "no_grad")
+    __slots__ = ("function", "args", "keep_graph", "kwargs", "no_grad", "seed")
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
     KEEP_GRAPH_FIELD_NUMBER: _ClassVar[int]
     KWARGS_FIELD_NUMBER: _ClassVar[int]
     NO_GRAD_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     function: str
     args: _containers.RepeatedCompositeFieldContainer[Value]
     keep_graph: bool
     kwargs: _containers.RepeatedCompositeFieldContainer[NamedValue]
     no_grad: bool
-    def __init__(self, function: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., keep_graph: _Optional[bool] = ..., kwargs: _Optional[_Iterable[_Union[NamedValue, _Mapping]]] = ..., no_grad: _Optional[bool] = ...) -> None: ...
+    seed: int
+    def __init__(self, function: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., keep_graph: _Optional[bool] = ..., kwargs: _Optional[_Iterable[_Union[NamedValue, _Mapping]]] = ..., no_grad: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("outputs", "returns_tuple", "handle", "handle_ttl_ms", "version", "rng")
@@ -236,16 +238,18 @@ class BackwardResponse(_message.Message):
     def __init__(self, grads: _Optional[_Iterable[_Union[MaybeTensor, _Mapping]]] = ..., handle: _Optional[str] = ..., handle_ttl_ms: _Optional[int] = ...) -> None: ...
 
 class ForwardBackwardRequest(_message.Message):
-    __slots__ = ("function", "args", "grad_outputs", "kwargs")
+    __slots__ = ("function", "args", "grad_outputs", "kwargs", "seed")
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     KWARGS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     function: str
     args: _containers.RepeatedCompositeFieldContainer[Value]
     grad_outputs: _containers.RepeatedCompositeFieldContainer[MaybeTensor]
     kwargs: _containers.RepeatedCompositeFieldContainer[NamedValue]
-    def __init__(self, function: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., grad_outputs: _Optional[_Iterable[_Union[MaybeTensor, _Mapping]]] = ..., kwargs: _Optional[_Iterable[_Union[NamedValue, _Mapping]]] = ...) -> None: ...
+    seed: int
+    def __init__(self, function: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., grad_outputs: _Optional[_Iterable[_Union[MaybeTensor, _Mapping]]] = ..., kwargs: _Optional[_Iterable[_Union[NamedValue, _Mapping]]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ForwardBackwardResponse(_message.Message):
     __slots__ = ("outputs", "returns_tuple", "grads")

@@ -21,9 +21,8 @@ import numpy as np
 import torch
 from google.protobuf.message import Message
 
-from gradserve.v1 import gradserve_pb2 as pb
-
 from . import codec
+from . import gradserve_pb2 as pb
 
 __all__ = ["ACCEPTED_KEY", "CHUNK_BYTES", "Assembler", "accepted", "chunks", "tensor_slots"]
 

@@ -10,6 +10,7 @@ calls ``torch.load``. Every dtype round-trips bit-exactly (NaN payloads, +-Inf a
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -18,11 +19,12 @@ import numpy as np
 import torch
 from google.protobuf import struct_pb2
 
-from gradserve.v1 import gradserve_pb2 as pb
+from . import gradserve_pb2 as pb
 
 __all__ = [
     "DTYPE_TO_WIRE",
     "WIRE_TO_DTYPE",
+    "MAX_SPARSE_NUMEL",
     "CodecError",
     "TensorTooLarge",
     "decode_maybe_tensor",
@@ -69,6 +71,10 @@ if _declared != set(WIRE_TO_DTYPE):
     raise ImportError(f"codec dtype table {sorted(WIRE_TO_DTYPE)} does not match gradserve.v1.DType {sorted(_declared)}")
 
 _INT64_MAX = 2**63 - 1
+
+MAX_SPARSE_NUMEL = 2**31 - 1
+"""Most elements (dense count) a server accepts in a sparse argument or grad_output: torch's
+sparse kernels divide by zero (SIGFPE, the whole process dies) on shapes of 2**32 elements."""
 
 MAX_DIMS = 64
 """Most dimensions a tensor may have (torch's own kernels stop at 25 to 64; a rank of
@@ -267,7 +273,12 @@ def encode_sparse(
 
 
 def decode_sparse(
-    msg: pb.SparseTensor, *, max_bytes: int | None = None, what: str = "tensor", payloads: Iterator[torch.Tensor] | None = None
+    msg: pb.SparseTensor,
+    *,
+    max_bytes: int | None = None,
+    max_numel: int | None = None,
+    what: str = "tensor",
+    payloads: Iterator[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Decode a ``gradserve.v1.SparseTensor`` into a CPU sparse COO tensor; ``requires_grad`` is not applied.
 
@@ -278,10 +289,17 @@ def decode_sparse(
         not match, or an index outside ``shape`` (torch's own invariant check), and
         what :func:`decode_tensor` raises.
     TensorTooLarge
-        Indices and values together over ``max_bytes``.
+        Indices and values together over ``max_bytes``, or a shape of more than
+        ``max_numel`` elements (servers pass :data:`MAX_SPARSE_NUMEL`).
     """
     if len(msg.shape) > MAX_DIMS:
         raise CodecError(f"{what}: sparse tensor has {len(msg.shape)} dimensions; at most {MAX_DIMS} are accepted")
+    numel = math.prod(msg.shape)
+    if max_numel is not None and numel > max_numel:
+        raise TensorTooLarge(
+            f"{what}: sparse tensor of shape {_shape_text(msg.shape)} has {numel} elements; at most {max_numel} are accepted "
+            "(torch's sparse kernels overflow on larger shapes)"
+        )
     size = tensor_nbytes(msg.indices, what=f"{what} indices") + tensor_nbytes(msg.values, what=f"{what} values")
     if max_bytes is not None and size > max_bytes:
         raise TensorTooLarge(f"{what}: sparse tensor's indices and values are {size} bytes, over the limit of {max_bytes} bytes")
@@ -315,17 +333,22 @@ def _from_numpy(array: Any) -> torch.Tensor:
         raise CodecError(f"a numpy array of dtype {array.dtype} cannot be sent; expected a bool, integer, float or complex array")
     if not array.dtype.isnative:  # big-endian data ('>f4'): torch takes native byte order only
         array = array.astype(array.dtype.newbyteorder("="))
-    return torch.from_numpy(np.ascontiguousarray(array))
+    if not array.flags.c_contiguous:  # negative or gapped strides (ascontiguousarray would make 0-d arrays 1-d)
+        array = array.copy(order="C")
+    try:
+        return torch.from_numpy(array)
+    except TypeError as exc:  # dtypes torch lacks: longdouble, uint beyond 64 bits
+        raise CodecError(f"a numpy array of dtype {array.dtype} cannot be sent: {exc}") from None
 
 
 def _numpy_scalar(value: Any) -> Any:
     """A numpy scalar (np.float32(2.0), np.int64(3), np.bool_) as the Python scalar or 0-dim tensor it stands for."""
     item = value.item()
-    if isinstance(item, (bool, int, float)):
+    if isinstance(item, (bool, int, float, str)):
         return item
     if isinstance(item, complex):
         return torch.tensor(item, dtype=torch.complex64 if value.dtype.itemsize == 8 else torch.complex128)
-    raise CodecError(f"a numpy scalar of dtype {value.dtype} cannot be sent; expected bool, integer, float or complex")
+    raise CodecError(f"a numpy scalar of dtype {value.dtype} cannot be sent; expected bool, integer, float, complex or str")
 
 
 def encode_value(value: Any, *, requires_grad: bool | None = None, payloads: list[torch.Tensor] | None = None) -> pb.Value:
@@ -366,13 +389,14 @@ def decode_value(
     msg: pb.Value,
     *,
     max_tensor_bytes: int | None = None,
+    max_sparse_numel: int | None = None,
     what: str = "argument",
     payloads: Iterator[torch.Tensor] | None = None,
 ) -> Any:
     """Decode one positional argument; a tensor comes back as in :func:`decode_tensor`.
 
     A tensor's ``requires_grad`` is applied, so it arrives as a CPU leaf that requires grad.
-    ``payloads`` is passed to :func:`decode_tensor`.
+    ``payloads`` is passed to :func:`decode_tensor`; ``max_sparse_numel`` to :func:`decode_sparse`.
 
     Raises
     ------
@@ -385,7 +409,9 @@ def decode_value(
         if kind == "tensor":
             tensor = decode_tensor(msg.tensor, max_bytes=max_tensor_bytes, what=what, payloads=payloads)
         else:
-            tensor = decode_sparse(msg.sparse_tensor, max_bytes=max_tensor_bytes, what=what, payloads=payloads)
+            tensor = decode_sparse(
+                msg.sparse_tensor, max_bytes=max_tensor_bytes, max_numel=max_sparse_numel, what=what, payloads=payloads
+            )
         if getattr(msg, kind).requires_grad:
             if not (tensor.is_floating_point() or tensor.is_complex()):
                 raise CodecError(
@@ -420,6 +446,7 @@ def decode_maybe_tensor(
     msg: pb.MaybeTensor,
     *,
     max_bytes: int | None = None,
+    max_sparse_numel: int | None = None,
     what: str = "tensor",
     payloads: Iterator[torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
@@ -432,7 +459,7 @@ def decode_maybe_tensor(
     if kind == "tensor":
         return decode_tensor(msg.tensor, max_bytes=max_bytes, what=what, payloads=payloads)
     if kind == "sparse":
-        return decode_sparse(msg.sparse, max_bytes=max_bytes, what=what, payloads=payloads)
+        return decode_sparse(msg.sparse, max_bytes=max_bytes, max_numel=max_sparse_numel, what=what, payloads=payloads)
     if kind == "none":
         return None
     raise CodecError(f"{what}: empty MaybeTensor; expected a tensor, a sparse tensor or none")
