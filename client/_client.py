@@ -245,12 +245,8 @@ class GradientClient:
                 time.sleep(wait.retry_after(error))
 
     def _attempt(self, plan: Plan, wait: StartupWait) -> Any:
-        if not self._connected():
-            ready = grpc.channel_ready_future(self._channel)
-            try:  # a server that is starting: wait for it, within the deadline or wait_for_server_s
-                ready.result(timeout=wait.until_give_up())
-            except grpc.FutureTimeoutError:
-                ready.cancel()  # stops its connectivity polling; then call anyway: it fails fast, with the connection's own error
+        if not self._connected():  # a server that is starting: wait for it, within the deadline or wait_for_server_s
+            self._wait_connected(wait.until_give_up())  # then call anyway: it fails fast, with the connection's own error
         options = self._core.call_options(wait)
         try:
             if plan.payloads is None:
@@ -272,10 +268,24 @@ class GradientClient:
             raise malformed_reply(exc) from None
 
     def _connected(self) -> bool:
-        """Whether the channel is READY, asked without side effects (grpc.Channel has no public
-        getter; ``subscribe`` would leave a polling thread that errors when the channel closes)."""
-        check = getattr(getattr(self._channel, "_channel", None), "check_connectivity_state", None)
+        """Whether the channel is READY."""
+        check = _connectivity_check(self._channel)
         return check is not None and check(False) == cygrpc.ConnectivityState.ready
+
+    def _wait_connected(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` seconds for the channel to connect, by polling its state: no
+        subscription, whose polling thread errors when the channel closes while it waits."""
+        check = _connectivity_check(self._channel)
+        if check is None:  # a channel object we cannot see into
+            ready = grpc.channel_ready_future(self._channel)
+            try:
+                ready.result(timeout=timeout_s)
+            except grpc.FutureTimeoutError:
+                ready.cancel()
+            return
+        give_up = time.monotonic() + timeout_s
+        while check(True) != cygrpc.ConnectivityState.ready and time.monotonic() < give_up:
+            time.sleep(min(0.02, max(0.0, give_up - time.monotonic())))
 
 
 def _after_acceptance(messages: Iterator[pb.StreamRequest], verdict: queue.SimpleQueue[bool]) -> Iterator[pb.StreamRequest]:
@@ -283,3 +293,17 @@ def _after_acceptance(messages: Iterator[pb.StreamRequest], verdict: queue.Simpl
     yield next(messages)
     if verdict.get():
         yield from messages
+
+
+def _connectivity_check(channel: Any) -> Callable[[bool], Any] | None:
+    """``check_connectivity_state`` of the core channel under ``channel`` (through interceptors), or None.
+
+    grpc.Channel has no public state getter; ``subscribe`` starts a polling thread instead.
+    """
+    for _ in range(4):
+        inner = getattr(channel, "_channel", None)
+        check = getattr(inner, "check_connectivity_state", None)
+        if check is not None:
+            return check
+        channel = inner
+    return None
