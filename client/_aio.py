@@ -15,7 +15,7 @@ from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from gradserve.v1.connection import ChannelSettings
 
 from ._core import WAIT_FOR_SERVER_S, ClientCore, Plan, StartupWait, malformed_reply
-from ._errors import UnavailableError
+from ._errors import GradServeError, UnavailableError
 from ._messages import ForwardBackwardResult, FunctionInfo, Outputs
 
 __all__ = ["AsyncGradientClient"]
@@ -102,6 +102,7 @@ class AsyncGradientClient:
                 await asyncio.wait_for(self._channel.channel_ready(), wait.until_give_up())
             except asyncio.TimeoutError:
                 pass  # call anyway: it fails fast, with the connection's own error
+        self._core.connected_once |= self._channel.get_state() is grpc.ChannelConnectivity.READY
         options = self._core.call_options(wait)
         try:
             if plan.payloads is None:
@@ -118,11 +119,14 @@ class AsyncGradientClient:
                     await call.done_writing()
             except asyncio.InvalidStateError:
                 pass  # the call ended early: its status is read below
-            header, assembler = plan.read_stream(await call.read())
+            first = await call.read()
+            header, assembler = plan.read_stream(None if first is grpc.aio.EOF else first)
             while (message := await call.read()) is not grpc.aio.EOF:
-                assembler.feed(message.data)
+                plan.feed(assembler, message)
             return plan.read(header, assembler.payloads())
         except grpc.RpcError as error:
             raise self._core.error(error) from None
-        except codec.CodecError as exc:  # the stream's framing broke the contract
+        except GradServeError:
+            raise
+        except (codec.CodecError, RuntimeError, MemoryError, IndexError, AttributeError) as exc:  # a reply breaking the contract
             raise malformed_reply(exc) from None

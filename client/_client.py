@@ -20,7 +20,7 @@ from gradserve.v1.connection import ChannelSettings
 from . import _messages as m
 from ._autograd import remote_call
 from ._core import WAIT_FOR_SERVER_S, ClientCore, Plan, StartupWait, malformed_reply
-from ._errors import HandleNotFoundError, UnavailableError
+from ._errors import CancelledError, GradServeError, HandleNotFoundError, UnavailableError
 from ._messages import ForwardBackwardResult, FunctionInfo, Outputs
 
 __all__ = ["GradientClient"]
@@ -95,6 +95,7 @@ class GradientClient:
         self._channel = channel or settings.open_channel(target, grpc)
         self._stub = pb_grpc.GradientServiceStub(self._channel)
         self._releasing: set[grpc.Future] = set()
+        self._closed = False
 
     @property
     def target(self) -> str:
@@ -107,7 +108,9 @@ class GradientClient:
         return self._core.timeout
 
     def close(self) -> None:
-        """Close the channel (if this client opened it). Calls in flight are cancelled."""
+        """Close the channel (if this client opened it). Calls in flight are cancelled, and later
+        calls raise CancelledError."""
+        self._closed = True
         if self._owns_channel:
             self._channel.close()
 
@@ -245,8 +248,11 @@ class GradientClient:
                 time.sleep(wait.retry_after(error))
 
     def _attempt(self, plan: Plan, wait: StartupWait) -> Any:
+        if self._closed:
+            raise CancelledError(grpc.StatusCode.CANCELLED, "the client is closed")
         if not self._connected():  # a server that is starting: wait for it, within the deadline or wait_for_server_s
             self._wait_connected(wait.until_give_up())  # then call anyway: it fails fast, with the connection's own error
+        self._core.connected_once |= self._connected()  # TLS and all: a later UNAVAILABLE is no TLS mismatch
         options = self._core.call_options(wait)
         try:
             if plan.payloads is None:
@@ -260,11 +266,13 @@ class GradientClient:
                 verdict.put(accepted)
             header, assembler = plan.read_stream(next(responses, None))
             for message in responses:
-                assembler.feed(message.data)
+                plan.feed(assembler, message)
             return plan.read(header, assembler.payloads())
         except grpc.RpcError as error:
             raise self._core.error(error) from None
-        except codec.CodecError as exc:  # the stream's framing broke the contract
+        except GradServeError:
+            raise
+        except (codec.CodecError, RuntimeError, MemoryError, IndexError, AttributeError) as exc:  # a reply breaking the contract
             raise malformed_reply(exc) from None
 
     def _connected(self) -> bool:
@@ -284,7 +292,7 @@ class GradientClient:
                 ready.cancel()
             return
         give_up = time.monotonic() + timeout_s
-        while check(True) != cygrpc.ConnectivityState.ready and time.monotonic() < give_up:
+        while check(True) != cygrpc.ConnectivityState.ready and time.monotonic() < give_up and not self._closed:
             time.sleep(min(0.02, max(0.0, give_up - time.monotonic())))
 
 

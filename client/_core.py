@@ -77,6 +77,13 @@ class Plan:
     def read_stream(self, first: pb.StreamResponse | None) -> tuple[Any, streaming.Assembler]:
         return m.read_stream_header(first, self.kind)
 
+    @staticmethod
+    def feed(assembler: streaming.Assembler, message: pb.StreamResponse) -> None:
+        """One message after a streamed reply's header: it must be data."""
+        if message.WhichOneof("part") != "data":
+            raise codec.CodecError(f"StreamCall reply: only data may follow the header, got {message.WhichOneof('part')}")
+        assembler.feed(message.data)
+
 
 class StartupWait:
     """When to try a call again: only after the server said it never started it (reason LOADING).
@@ -108,9 +115,10 @@ class StartupWait:
 
     def retry_after(self, error: GradServeError) -> float:
         """Seconds to sleep before trying again; re-raises ``error`` when it must not be retried."""
-        if error.reason != "LOADING" or time.monotonic() + self._delay_s >= self.give_up_at:
+        left = self.give_up_at - time.monotonic()
+        if error.reason != "LOADING" or left <= _REPORT_MARGIN_S:
             raise error
-        delay, self._delay_s = self._delay_s, min(2 * self._delay_s, 1.0)
+        delay, self._delay_s = min(self._delay_s, left - _REPORT_MARGIN_S), min(2 * self._delay_s, 1.0)
         return delay
 
 
@@ -128,6 +136,7 @@ class ClientCore:
         self.settings = settings
         self.stream_threshold_bytes = stream_threshold_bytes
         self.wait_for_server_s = wait_for_server_s
+        self.connected_once = False  # set by the faces after a first reply
 
     # -- policy ------------------------------------------------------------------------
 
@@ -146,9 +155,10 @@ class ClientCore:
         return {"timeout": wait.remaining(), "metadata": self.settings.metadata()}
 
     def error(self, error: grpc.RpcError) -> GradServeError:
-        """The GradServeError for a failed call, with a hint where a TLS mismatch is the likely cause."""
+        """The GradServeError for a failed call, with a hint where a TLS mismatch is the likely cause
+        (only while no call has succeeded yet: a dropped connection is not a TLS mismatch)."""
         converted = from_rpc_error(error)
-        if converted.code is grpc.StatusCode.UNAVAILABLE and not converted.reason:
+        if converted.code is grpc.StatusCode.UNAVAILABLE and not converted.reason and not self.connected_once:
             hint = _tls_hint(converted.message, self.settings)
             if hint:
                 return type(converted)(converted.code, f"{converted.message} ({hint})", converted.reason)
@@ -206,9 +216,10 @@ class _arguments:
             raise ArgumentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT") from None
 
 
-def malformed_reply(exc: codec.CodecError) -> InternalError:
-    """A reply the client cannot decode: the server broke the contract."""
-    return InternalError(grpc.StatusCode.INTERNAL, f"malformed reply from the server: {exc}", "MALFORMED_REPLY")
+def malformed_reply(exc: Exception) -> InternalError:
+    """A reply the client cannot decode (or allocate): the server broke the contract."""
+    what = str(exc) if isinstance(exc, codec.CodecError) else f"{type(exc).__name__}: {exc}"
+    return InternalError(grpc.StatusCode.INTERNAL, f"malformed reply from the server: {what[:500]}", "MALFORMED_REPLY")
 
 
 def _tls_hint(message: str, settings: ChannelSettings) -> str:
@@ -219,6 +230,8 @@ def _tls_hint(message: str, settings: ChannelSettings) -> str:
         return "the server may use TLS: pass tls=True, or root_certificates= for a private CA" if closed else ""
     if not (closed or any(s in text for s in ("ssl", "handshake", "tls", "certificate"))):
         return ""
+    if "certificate_verify_failed" in text or "hostname" in text:
+        return "TLS: the server's certificate is not signed by root_certificates, or is not for this target's name"
     causes = ["the server may not use TLS", "its certificate may not be signed by root_certificates"]
     if settings.private_key is None:
         causes.insert(0, "the server may require a client certificate (private_key= and certificate_chain=)")

@@ -123,12 +123,15 @@ def from_rpc_error(error: grpc.RpcError) -> GradServeError:
     reason = ""
     try:
         status = rpc_status.from_call(error)
-    except ValueError:  # a status whose details disagree with code/message: keep what we have
+    except Exception:  # noqa: BLE001 - details that disagree with code/message, or do not parse: keep what we have
         status = None
     for detail in status.details if status is not None else ():
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
+            try:
+                detail.Unpack(info)
+            except Exception:  # noqa: BLE001 - corrupt detail bytes: no reason
+                continue
             reason = info.reason
     cls = _BY_REASON.get(reason) or _BY_CODE.get(code, GradServeError)
     return cls(code, message or "", reason)

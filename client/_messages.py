@@ -115,7 +115,16 @@ def as_grad_outputs(grad_outputs: torch.Tensor | Sequence[torch.Tensor | None] |
     """A bare tensor stands for a one-output Function's cotangent; None for none given."""
     if grad_outputs is None:
         return ()
-    return (grad_outputs,) if isinstance(grad_outputs, torch.Tensor) else grad_outputs
+    if isinstance(grad_outputs, torch.Tensor):
+        return (grad_outputs,)
+    if not isinstance(grad_outputs, (list, tuple)):
+        raise codec.CodecError(
+            f"grad_outputs must be a tensor, a list or tuple of tensors (or None), or None; got {type(grad_outputs).__name__}"
+        )
+    for i, g in enumerate(grad_outputs):
+        if g is not None and not isinstance(g, torch.Tensor):
+            raise codec.CodecError(f"grad_outputs[{i}] must be a torch.Tensor or None, got {type(g).__name__}")
+    return grad_outputs
 
 
 def encode_grad_outputs(
@@ -259,6 +268,8 @@ def decode_outputs(
     messages: Sequence[pb.Tensor], returns_tuple: bool, args: Sequence[Any], payloads: Iterator[torch.Tensor] | None = None
 ) -> Outputs:
     """Outputs on the caller's device, shaped like the Function's return."""
+    if not messages:
+        raise codec.CodecError("the reply holds no outputs; every Function returns at least one")
     device = home_device(args)
     outputs = tuple(codec.decode_tensor(m, what=f"output {i}", payloads=payloads).to(device) for i, m in enumerate(messages))
     return outputs if returns_tuple else outputs[0]
@@ -273,6 +284,10 @@ def decode_grads(
     grads: list[torch.Tensor | None] = []
     for i, (m, arg) in enumerate(zip(messages, args)):
         g = codec.decode_maybe_tensor(m, what=f"gradient {i}", payloads=payloads)
+        if g is not None and (not isinstance(arg, torch.Tensor) or g.shape != arg.shape):
+            got = list(g.shape)
+            want = list(arg.shape) if isinstance(arg, torch.Tensor) else f"none (input {i} is a {type(arg).__name__})"
+            raise codec.CodecError(f"gradient {i} has shape {got}, expected {want}")
         if g is not None and isinstance(arg, torch.Tensor):
             g = g.to(device=arg.device, dtype=arg.dtype)
         grads.append(g)

@@ -48,8 +48,7 @@ def load_tokens(tokens: str = "", tokens_file: str = "") -> tuple[str, ...]:
             raise ValueError(f"--auth-tokens-file {tokens_file}: cannot read: {exc.strerror or exc}") from exc
         if not any(from_file):
             raise ValueError(
-                f"--auth-tokens-file {tokens_file} holds no token (only blank or # comment lines); "
-                "refusing to start without auth"
+                f"--auth-tokens-file {tokens_file} holds no token (only blank or # comment lines); refusing to start without auth"
             )
         found += from_file
     return tuple(t for t in found if t)

@@ -150,8 +150,11 @@ class _Metadata(grpc.UnaryUnaryClientInterceptor):
 def _read(path: str) -> bytes | None:
     if not path:
         return None
-    with open(path, "rb") as f:
-        return f.read()
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise SystemExit(f"gradserve: cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _serve(args: argparse.Namespace) -> int:

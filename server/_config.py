@@ -73,7 +73,6 @@ class ServerConfig:
                 "calls in progress include those computing"
             )
 
-
     @property
     def concurrent_rpcs(self) -> int:
         """Calls in progress at once: ``max_concurrent_rpcs``, or when 0, 4 per compute slot and at least 64."""

@@ -607,7 +607,9 @@ class Runtime:
         except BackwardContractError as exc:
             log.warning("%s", exc)
             raise FunctionError(str(exc)) from exc
-        except BaseException as exc:  # SystemExit, KeyboardInterrupt too: a Function can neither stop the server nor hang the call
+        except (
+            BaseException
+        ) as exc:  # SystemExit, KeyboardInterrupt too: a Function can neither stop the server nor hang the call
             if isinstance(exc, Exception) and _is_out_of_memory(exc):
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()

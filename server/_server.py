@@ -11,7 +11,6 @@ import signal
 import sys
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -118,9 +118,7 @@ class _CallRecord:
         if code is grpc.StatusCode.CANCELLED and remaining_s is not None and remaining_s <= 0:
             code = grpc.StatusCode.DEADLINE_EXCEEDED  # abandoned because the deadline passed
         if code is grpc.StatusCode.INTERNAL:
-            log.error(
-                "request %s: internal error in %s(%s)", self.request_id, self.method, self.function, exc_info=exc
-            )
+            log.error("request %s: internal error in %s(%s)", self.request_id, self.method, self.function, exc_info=exc)
             message = f"internal server error (request id {self.request_id}; details in the server log)"
         self.finish(code)
         _abort(self.context, code, reason, message)
@@ -330,6 +328,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         tracked = False
         try:
             if self.runtime is None or self.metrics is None:
+                # Read the header first: refusing while it is still on its way makes grpc.aio
+                # clients see "INTERNAL: Internal error from Core" instead of this status.
+                next(request_iterator, None)
                 raise _Loading("server is starting: functions are still loading; retry shortly")
             self.metrics.in_flight.inc()
             tracked = True
@@ -418,8 +419,10 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                     f"{name}: tensor of shape {codec._shape_text(tensor.shape)} is {nbytes} bytes, "
                     f"over the limit of {self.max_tensor_bytes} bytes"
                 )
-            if what == "argument" and tensor.requires_grad and not (
-                codec.WIRE_TO_DTYPE[tensor.dtype].is_floating_point or codec.WIRE_TO_DTYPE[tensor.dtype].is_complex
+            if (
+                what == "argument"
+                and tensor.requires_grad
+                and not (codec.WIRE_TO_DTYPE[tensor.dtype].is_floating_point or codec.WIRE_TO_DTYPE[tensor.dtype].is_complex)
             ):
                 raise codec.CodecError(
                     f"{name}: requires_grad is set on a tensor of dtype "

@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
 import time
+from concurrent import futures
 
+import grpc
+import numpy as np
 import pytest
 import torch
 from conftest import ServerProcess
 
-from gradserve.client import DeadlineExceededError, GradientClient, UnavailableError
+from gradserve.client import (
+    ArgumentError,
+    AsyncGradientClient,
+    CancelledError,
+    DeadlineExceededError,
+    GradientClient,
+    InternalError,
+    UnavailableError,
+)
+from gradserve.server import RunningServer
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 LOADING = ("--functions", "gradserve.server.examples", "--functions", "gradserve_slow_check", "--check")
 
@@ -84,3 +99,55 @@ def test_keepalive_goaway_does_not_run_a_call_twice() -> None:
         log = server.proc.stderr.read()
     runs = [line for line in log.splitlines() if "function=slow_square" in line and "method=Forward" in line]
     assert len(runs) == 2, log[-3000:]  # one per client call: the first was not sent again
+
+
+def test_async_streamed_calls_to_a_loading_server_wait_and_succeed() -> None:
+    """grpc.aio saw "INTERNAL: Internal error from Core" when a refusal raced the streamed header."""
+
+    async def run(target: str) -> list[float]:
+        async with AsyncGradientClient(target, timeout=60) as client:
+            replies = await asyncio.gather(*(client.forward("square", torch.full((400_000,), 3.0)) for _ in range(20)))
+            return [float(r[0]) for r in replies]
+
+    with ServerProcess(*LOADING, wait=False) as server:
+        time.sleep(1.0)  # bound and loading (the checks take seconds): the calls meet LOADING
+        assert asyncio.run(run(server.target)) == [9.0] * 20
+
+
+class _Malformed(pb_grpc.GradientServiceServicer):
+    """A server that breaks the contract in its replies."""
+
+    def Forward(self, request, context):  # noqa: N802
+        return pb.ForwardResponse(outputs=[])  # no outputs at all
+
+    def ForwardBackward(self, request, context):  # noqa: N802
+        wrong = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[7], data=bytes(28))  # the argument has 4 elements
+        out = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[4], data=bytes(16))
+        return pb.ForwardBackwardResponse(outputs=[out], grads=[pb.MaybeTensor(tensor=wrong)])
+
+
+def test_replies_that_break_the_contract_are_internal_errors() -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    pb_grpc.add_GradientServiceServicer_to_server(_Malformed(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with GradientClient(f"127.0.0.1:{port}", timeout=10) as client:
+            with pytest.raises(InternalError, match="no outputs") as err:
+                client.forward("square", torch.ones(4))
+            assert err.value.reason == "MALFORMED_REPLY"
+            with pytest.raises(InternalError, match=r"gradient 0 has shape \[7\], expected \[4\]"):
+                client.forward_backward("square", torch.ones(4, requires_grad=True))
+    finally:
+        server.stop(0)
+
+
+def test_bad_arguments_and_a_closed_client_raise_gradserve_errors(server: RunningServer) -> None:
+    client = GradientClient(f"127.0.0.1:{server.port}", timeout=10)
+    x = torch.ones(2, requires_grad=True)
+    for bad in ("abc", 1.0, [np.ones(2)]):
+        with pytest.raises(ArgumentError, match="grad_outputs"):
+            client.forward_backward("square", x, grad_outputs=bad)
+    client.close()
+    with pytest.raises(CancelledError, match="the client is closed"):
+        client.forward("square", x)

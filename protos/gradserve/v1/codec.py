@@ -232,6 +232,8 @@ def encode_tensor(tensor: Any, *, requires_grad: bool | None = None, payloads: l
         tensor = _from_numpy(tensor)
     if tensor.layout != torch.strided:
         raise CodecError(f"a {tensor.layout} tensor cannot be sent here; expected a dense (strided) tensor")
+    if tensor.is_nested:
+        raise CodecError("a nested tensor cannot be sent; send its components as separate tensors")
     if tensor.is_meta:
         raise CodecError(f"a meta tensor (shape {_shape_text(tensor.shape)}) has no data to send")
     wire = DTYPE_TO_WIRE.get(tensor.dtype)
