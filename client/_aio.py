@@ -10,11 +10,11 @@ import grpc
 import grpc.aio
 import torch
 
-from gradserve.v1 import codec, streaming
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.v1 import streaming
 from gradserve.v1.connection import ChannelSettings
 
-from ._core import WAIT_FOR_SERVER_S, ClientCore, Plan, StartupWait, malformed_reply
+from ._core import REPLY_ERRORS, WAIT_FOR_SERVER_S, ClientCore, Plan, StartupWait, malformed_reply
 from ._errors import GradServeError, UnavailableError
 from ._messages import ForwardBackwardResult, FunctionInfo, Outputs
 
@@ -128,5 +128,5 @@ class AsyncGradientClient:
             raise self._core.error(error) from None
         except GradServeError:
             raise
-        except (codec.CodecError, RuntimeError, MemoryError, IndexError, AttributeError) as exc:  # a reply breaking the contract
+        except REPLY_ERRORS as exc:  # a reply breaking the contract
             raise malformed_reply(exc) from None

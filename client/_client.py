@@ -12,14 +12,14 @@ import grpc
 import torch
 from grpc._cython import cygrpc
 
-from gradserve.v1 import codec, streaming
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.v1 import streaming
 from gradserve.v1.connection import ChannelSettings
 
 from . import _messages as m
 from ._autograd import remote_call
-from ._core import WAIT_FOR_SERVER_S, ClientCore, Plan, StartupWait, malformed_reply
+from ._core import REPLY_ERRORS, WAIT_FOR_SERVER_S, ClientCore, Plan, StartupWait, malformed_reply
 from ._errors import CancelledError, GradServeError, HandleNotFoundError, UnavailableError
 from ._messages import ForwardBackwardResult, FunctionInfo, Outputs
 
@@ -272,7 +272,7 @@ class GradientClient:
             raise self._core.error(error) from None
         except GradServeError:
             raise
-        except (codec.CodecError, RuntimeError, MemoryError, IndexError, AttributeError) as exc:  # a reply breaking the contract
+        except REPLY_ERRORS as exc:  # a reply breaking the contract
             raise malformed_reply(exc) from None
 
     def _connected(self) -> bool:

@@ -28,7 +28,7 @@ from gradserve.v1.connection import ChannelSettings
 from . import _messages as m
 from ._errors import ArgumentError, GradServeError, InternalError, from_rpc_error
 
-__all__ = ["ClientCore", "Plan", "StartupWait", "malformed_reply"]
+__all__ = ["REPLY_ERRORS", "ClientCore", "Plan", "StartupWait", "malformed_reply"]
 
 _METHODS = {
     "list_functions": "ListFunctions",
@@ -100,7 +100,6 @@ class StartupWait:
         now = time.monotonic()
         self.deadline = None if timeout is None else now + timeout
         self.give_up_at = self.deadline if self.deadline is not None else now + bound_s
-        self.bound_s = bound_s
         self._delay_s = 0.05
 
     def remaining(self) -> float | None:
@@ -214,6 +213,11 @@ class _arguments:
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         if isinstance(exc, codec.CodecError):
             raise ArgumentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT") from None
+
+
+REPLY_ERRORS = (codec.CodecError, RuntimeError, MemoryError, IndexError, AttributeError)
+"""What decoding a reply raises when the reply breaks the contract (bad framing, absurd shapes,
+missing parts); the faces turn these into :func:`malformed_reply`."""
 
 
 def malformed_reply(exc: Exception) -> InternalError:
