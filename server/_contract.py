@@ -15,9 +15,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["BackwardContractError", "contract_checked"]
+__all__ = ["BackwardContractError", "contract_checked", "dtype_name"]
 
 _META = "_gradserve_input_meta"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``float32`` for ``torch.float32``: a dtype as error messages name it."""
+    return str(dtype).removeprefix("torch.")
 
 
 class BackwardContractError(RuntimeError):
@@ -26,10 +31,6 @@ class BackwardContractError(RuntimeError):
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _input_meta(inputs: Sequence[Any]) -> tuple[tuple[tuple[int, ...], torch.dtype] | None, ...]:
@@ -60,7 +61,7 @@ def _check_grads(name: str, meta: Sequence[Any], grads: Any) -> tuple[Any, ...]:
         shape, dtype = m
         if not (dtype.is_floating_point or dtype.is_complex):
             raise BackwardContractError(
-                f"{name} backward returned a gradient for argument {i}, a {_dtype_name(dtype)} tensor that cannot "
+                f"{name} backward returned a gradient for argument {i}, a {dtype_name(dtype)} tensor that cannot "
                 "have one; expected None"
             )
         if tuple(grad.shape) != shape and not _reducible(shape, tuple(grad.shape)):
@@ -72,8 +73,8 @@ def _check_grads(name: str, meta: Sequence[Any], grads: Any) -> tuple[Any, ...]:
         castable = grad.is_floating_point() or (grad.is_complex() and dtype.is_complex)
         if grad.dtype != dtype and not castable:
             raise BackwardContractError(
-                f"{name} backward: gradient for argument {i}: got dtype {_dtype_name(grad.dtype)}, "
-                f"expected {_dtype_name(dtype)} (the argument's dtype) or another floating dtype torch casts to it"
+                f"{name} backward: gradient for argument {i}: got dtype {dtype_name(grad.dtype)}, "
+                f"expected {dtype_name(dtype)} (the argument's dtype) or another floating dtype torch casts to it"
             )
     return grads
 

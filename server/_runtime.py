@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ._contract import BackwardContractError
+from ._contract import BackwardContractError, dtype_name
 from ._errors import (
     Abandoned,
     DoubleBackwardUnsupported,
@@ -589,12 +589,12 @@ class Runtime:
                 checked.append(None)
                 continue
             if o is None or not o.requires_grad:
-                kind = "is absent (None)" if o is None else f"({_dtype_name(o.dtype)}) is not differentiable"
+                kind = "is absent (None)" if o is None else f"({dtype_name(o.dtype)}) is not differentiable"
                 raise InvalidArgument(f"{entry.name} {what} {i} {kind}; send none as its entry of {field}")
             if g.shape != o.shape or g.dtype != o.dtype:
                 raise InvalidArgument(
-                    f"{entry.name} {field}[{i}]: expected {_dtype_name(o.dtype)} "
-                    f"of shape {list(o.shape)}, got {_dtype_name(g.dtype)} of shape {list(g.shape)}"
+                    f"{entry.name} {field}[{i}]: expected {dtype_name(o.dtype)} "
+                    f"of shape {list(o.shape)}, got {dtype_name(g.dtype)} of shape {list(g.shape)}"
                 )
             checked.append(self._to_device(g))
         return checked
@@ -616,10 +616,6 @@ class Runtime:
                 raise ResourceExhausted(f"{entry.name} {phase}: out of memory on {self.device}: {exc}") from exc
             log.warning("%s %s raised", entry.name, phase, exc_info=exc)
             raise FunctionError(f"{entry.name} {phase} raised {type(exc).__name__}: {exc}") from exc
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _is_out_of_memory(exc: Exception) -> bool:

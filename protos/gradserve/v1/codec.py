@@ -31,6 +31,7 @@ __all__ = [
     "decode_sparse",
     "decode_tensor",
     "decode_value",
+    "dtype_name",
     "encode_maybe_tensor",
     "encode_sparse",
     "encode_tensor",
@@ -89,7 +90,8 @@ class TensorTooLarge(CodecError):
     """A tensor is larger than the configured limit (maps to RESOURCE_EXHAUSTED)."""
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """``float32`` for ``torch.float32``: a dtype as error messages name it."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -167,14 +169,14 @@ def decode_tensor(
     shape = list(msg.shape)
     if max_bytes is not None and nbytes > max_bytes:
         raise TensorTooLarge(
-            f"{what}: {_dtype_name(dtype)} tensor of shape {_shape_text(shape)} is {nbytes} bytes, "
+            f"{what}: {dtype_name(dtype)} tensor of shape {_shape_text(shape)} is {nbytes} bytes, "
             f"over the limit of {max_bytes} bytes"
         )
     raw = next(payloads) if payloads is not None else None
     got = len(msg.data) + (raw.numel() if raw is not None else 0)
     if got != nbytes:
         raise CodecError(
-            f"{what}: {_dtype_name(dtype)} tensor of shape {_shape_text(shape)} needs {nbytes} bytes of data, got {got}"
+            f"{what}: {dtype_name(dtype)} tensor of shape {_shape_text(shape)} needs {nbytes} bytes of data, got {got}"
         )
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
@@ -239,7 +241,7 @@ def encode_tensor(tensor: Any, *, requires_grad: bool | None = None, payloads: l
     wire = DTYPE_TO_WIRE.get(tensor.dtype)
     if wire is None:
         raise CodecError(
-            f"dtype {_dtype_name(tensor.dtype)} cannot be sent; supported: {', '.join(map(_dtype_name, DTYPE_TO_WIRE))}"
+            f"dtype {dtype_name(tensor.dtype)} cannot be sent; supported: {', '.join(map(dtype_name, DTYPE_TO_WIRE))}"
         )
     if requires_grad is None:
         requires_grad = tensor.requires_grad
@@ -311,7 +313,7 @@ def decode_sparse(
     if indices.dtype != torch.int64 or indices.dim() != 2 or indices.shape[1] != values.shape[:1].numel() * (values.dim() > 0):
         raise CodecError(
             f"{what}: sparse indices must be int64 of shape [sparse_dim, nnz] with nnz = values.shape[0]; "
-            f"got {_dtype_name(indices.dtype)} {list(indices.shape)} and values {list(values.shape)}"
+            f"got {dtype_name(indices.dtype)} {list(indices.shape)} and values {list(values.shape)}"
         )
     if (
         any(d < 0 for d in shape)
@@ -417,7 +419,7 @@ def decode_value(
         if getattr(msg, kind).requires_grad:
             if not (tensor.is_floating_point() or tensor.is_complex()):
                 raise CodecError(
-                    f"{what}: requires_grad is set on a tensor of dtype {_dtype_name(tensor.dtype)}; "
+                    f"{what}: requires_grad is set on a tensor of dtype {dtype_name(tensor.dtype)}; "
                     "only floating point and complex tensors can require gradients"
                 )
             tensor.requires_grad_(True)
