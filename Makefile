@@ -21,7 +21,7 @@ demo: $(STAMP)  ## start a server, run the seed examples and the digits example,
 test: $(STAMP)  ## the whole suite
 	$(PY) -m pytest -q
 
-# Root, Debian 12, with podman runc debootstrap docker-compose netavark aardvark-dns
+# Root, Debian 12, with podman runc debootstrap docker-compose netavark aardvark-dns iptables
 # catatonit (.ci/run installs them). Caches the base image and wheelhouse in
 # ~/.cache/gradserve-compose (GRADSERVE_COMPOSE_CACHE). See README.md, "Deploy".
 compose-test: $(STAMP)  ## build the images, run the integration suite through docker-compose on Podman

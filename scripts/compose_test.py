@@ -553,13 +553,13 @@ def teardown() -> None:
 def main() -> int:
     missing = [
         tool
-        for tool in ("podman", "runc", "debootstrap", "docker-compose", "catatonit")
+        for tool in ("podman", "runc", "debootstrap", "docker-compose", "catatonit", "iptables")
         if shutil.which(tool) is None and not Path("/usr/libexec/podman", tool).exists()
     ]
     if missing:
         print(
             f"compose-test needs {', '.join(missing)}: apt-get install podman runc debootstrap docker-compose "
-            "netavark aardvark-dns catatonit (.ci/run does)",
+            "netavark aardvark-dns catatonit iptables (.ci/run does)",
             file=sys.stderr,
         )
         return 2
