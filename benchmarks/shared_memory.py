@@ -38,7 +38,8 @@ def main() -> None:
     args = parser.parse_args()
     limit = 1 << 30
     server = create_server(
-        ServerConfig(port=0, device="cpu", max_request_bytes=limit, max_tensor_bytes=limit, max_inflight_bytes=4 * limit), registry
+        ServerConfig(port=0, device="cpu", max_request_bytes=limit, max_tensor_bytes=limit, max_inflight_bytes=4 * limit),
+        registry,
     )
     try:
         target = f"127.0.0.1:{server.port}"

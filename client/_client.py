@@ -20,9 +20,9 @@ from gradserve.v1.connection import ChannelSettings
 from . import _messages as m
 from ._autograd import remote_call
 from ._core import REPLY_ERRORS, WAIT_FOR_SERVER_S, ClientCore, Plan, StartupWait, malformed_reply, release
-from ._shm import DEFAULT_THRESHOLD_BYTES, SharedMemory
 from ._errors import CancelledError, GradServeError, HandleNotFoundError, UnavailableError
 from ._messages import ForwardBackwardResult, FunctionInfo, Outputs
+from ._shm import DEFAULT_THRESHOLD_BYTES, SharedMemory
 
 __all__ = ["GradientClient"]
 

@@ -332,7 +332,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         call.finish(grpc.StatusCode.OK)
         return response
 
-    def _unary(self, kind: str, handler: Callable[..., Message], request: Any, context: grpc.ServicerContext, call: _CallRecord) -> Message:
+    def _unary(
+        self, kind: str, handler: Callable[..., Message], request: Any, context: grpc.ServicerContext, call: _CallRecord
+    ) -> Message:
         """A unary Forward, Backward or ForwardBackward; through shared memory when the client asks (its metadata)."""
         reply_bytes = self.shared_memory.reply_threshold(context)
         if reply_bytes is None:  # the plain path: no reference may be in the request
@@ -343,7 +345,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self._check_request(kind, request, call)  # limits and the byte budget, shared bytes included
         with self._compute:
             mapped = shm.map_message(request, what=call.function) if call.shm_bytes else None
-            io = _Payloads(incoming=iter(mapped) if mapped is not None else None, outgoing=[] if self.shared_memory.enabled else None)
+            io = _Payloads(
+                incoming=iter(mapped) if mapped is not None else None, outgoing=[] if self.shared_memory.enabled else None
+            )
             response = handler(request, context, io, call)
             if io.outgoing is None:
                 return response

@@ -185,7 +185,9 @@ def _open_checked(name: str, need_bytes: int, what: str) -> tuple[int, int]:
                 f"expected a file of uid {os.geteuid()} that group and others cannot open (mode 0600)"
             )
         if info.st_size < need_bytes:
-            raise SharedMemoryError(f"{what}: shared-memory segment {name} holds {info.st_size} bytes, references need {need_bytes}")
+            raise SharedMemoryError(
+                f"{what}: shared-memory segment {name} holds {info.st_size} bytes, references need {need_bytes}"
+            )
     except BaseException:
         os.close(fd)
         raise
@@ -211,8 +213,9 @@ def shared_bytes(message: Message, *, what: str = "message") -> int:
         if slot.data:
             raise SharedMemoryError(f"{where}: has both inline data and a shared-memory reference; send one")
         if ref.byte_size != declared or declared == 0:
+            dtype = codec.dtype_name(codec.WIRE_TO_DTYPE[slot.dtype])
             raise SharedMemoryError(
-                f"{where}: shared-memory reference of {ref.byte_size} bytes for a {codec.dtype_name(codec.WIRE_TO_DTYPE[slot.dtype])} "
+                f"{where}: shared-memory reference of {ref.byte_size} bytes for a {dtype} "
                 f"tensor of shape {list(slot.shape)[:8]} that needs {declared} bytes (empty tensors travel inline)"
             )
         if ref.offset % ALIGN:
@@ -263,7 +266,9 @@ def map_message(message: Message, *, what: str = "message") -> list[torch.Tensor
             payloads.append(torch.frombuffer(maps[ref.name], dtype=torch.uint8, count=ref.byte_size, offset=ref.offset))
             slot.ClearField("shared_memory")
         else:
-            payloads.append(torch.frombuffer(bytearray(slot.data), dtype=torch.uint8) if slot.data else torch.empty(0, dtype=torch.uint8))
+            payloads.append(
+                torch.frombuffer(bytearray(slot.data), dtype=torch.uint8) if slot.data else torch.empty(0, dtype=torch.uint8)
+            )
             slot.ClearField("data")
     return payloads
 
