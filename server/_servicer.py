@@ -341,6 +341,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             self._check_request(kind, request, call)
             with self._compute:
                 return handler(request, context, _Payloads(), call)
+        self.runtime.function(request.function)  # NOT_FOUND before anything else
         call.shm_bytes = self.shared_memory.shared_bytes(request, call.function or kind)  # checked before mapping
         self._check_request(kind, request, call)  # limits and the byte budget, shared bytes included
         with self._compute:

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 REPLY_TTL_S = 30.0
 """Seconds a reply segment (or a probe's) waits for the client to map and unlink it before the server unlinks it."""
 
+MAX_REPLY_THRESHOLD_BYTES = 1 << 20
+"""Reply tensors of this many bytes or more always go through a segment once a client asked for shared memory: the
+inline rest of a unary reply stays far from protobuf's 2 GiB ceiling whatever threshold the client sent."""
+
 SWEEP_INTERVAL_S = 10.0
 """Seconds between two sweeps of a running server (expired replies, segments of dead processes)."""
 
@@ -110,11 +114,12 @@ class SharedMemoryService:
 
     @staticmethod
     def reply_threshold(context: grpc.ServicerContext) -> int | None:
-        """The client's :data:`shm.REPLY_KEY` (bytes), or None when it did not send it (or sent garbage)."""
+        """The client's :data:`shm.REPLY_KEY` in bytes, capped at :data:`MAX_REPLY_THRESHOLD_BYTES`; None when
+        it did not send it (or sent no integer)."""
         for key, value in context.invocation_metadata() or ():
             if key == shm.REPLY_KEY:
                 try:
-                    return max(1, int(value))
+                    return min(max(1, int(value)), MAX_REPLY_THRESHOLD_BYTES)
                 except ValueError:
                     return None
         return None
