@@ -24,7 +24,7 @@ from gradserve.client import AsyncGradientClient, GradientClient, GradServeError
 from gradserve.server import RunningServer, ServerConfig, create_server, registry
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
-from gradserve.v1 import shm
+from gradserve.v1 import shm, streaming
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="needs a writable /dev/shm (Linux)")
 
@@ -171,6 +171,30 @@ def test_server_with_shared_memory_off_gets_the_network() -> None:
         assert "shared memory off" in info.value.details()
     finally:
         running.stop(0)
+
+
+class _LoseSegments(grpc.UnaryUnaryClientInterceptor):
+    """Unlinks every segment a request references before it leaves: as if the server were on another host."""
+
+    def intercept_unary_unary(self, continuation, details, request):  # noqa: ANN001, ANN201 - gRPC's signature
+        for slot in streaming.tensor_slots(request) if details.method.endswith("/Forward") else ():
+            if slot.HasField("shared_memory"):
+                shm.unlink(slot.shared_memory.name)
+        return continuation(details, request)
+
+
+def test_segment_the_server_cannot_find_sends_the_call_again_over_the_network(server: RunningServer) -> None:
+    channel = grpc.intercept_channel(grpc.insecure_channel(f"127.0.0.1:{server.port}"), _LoseSegments())
+    try:
+        with GradientClient("unused", timeout=30, shared_memory=True, channel=channel) as c:
+            c.list_functions()
+            assert c.transport == "shared_memory"
+            x = torch.randn(BIG, dtype=torch.float64)
+            assert torch.equal(c.forward("square", x), x * x)  # refused (nothing ran), then sent inline
+            assert c.transport == "network"
+    finally:
+        channel.close()
+    assert segments_of(os.getpid()) == []
 
 
 def test_client_without_the_flag_never_probes(server: RunningServer) -> None:
@@ -336,7 +360,7 @@ def test_server_killed_mid_call_leaves_no_segment(tmp_path: Path) -> None:
 
 _DIES_HOLDING_A_SEGMENT = """
 import os, signal
-from gradserve.v1 import shm
+from gradserve.v1 import shm, streaming
 print(shm.create_segment([b"x" * 100])[0], flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
