@@ -55,6 +55,7 @@ class SharedMemory:
             raise ValueError(f"shared_memory_threshold_bytes must be at least 1, got {threshold_bytes}")
         self.threshold_bytes = threshold_bytes
         self.state = "pending"
+        self._token = ""  # the server's session token (hex), read from its probe segment
         if not shm.available():
             self._use_network("this host has no writable /dev/shm")
         else:
@@ -81,18 +82,16 @@ class SharedMemory:
         return pb.SharedMemoryProbeRequest(name=name), name, nonce
 
     def probe_reply(self, response: pb.SharedMemoryProbeResponse, nonce: bytes) -> None:
-        """Check both directions of the probe; the server's segment is read and unlinked."""
+        """Check both directions of the probe; the server's segment (our session token) is read and unlinked."""
         if response.nonce != nonce:
             self._use_network("the server read another nonce: it does not share this host's /dev/shm")
             return
         try:
-            seen = shm.read_probe(response.segment.name)
+            token = shm.read_probe(response.segment.name)  # a file of our own user only
         except shm.SharedMemoryError as exc:
             self._use_network(f"cannot read the server's probe segment: {exc}")
             return
-        if seen != response.segment_nonce or not seen:
-            self._use_network("the server's probe segment holds another nonce")
-            return
+        self._token = token.hex()
         self.state = "shared_memory"
         log.debug("shared memory on: tensors of %d bytes or more travel through /dev/shm", self.threshold_bytes)
 
@@ -110,8 +109,8 @@ class SharedMemory:
         return self.active and any(codec.nbytes(t) >= self.threshold_bytes for group in groups for t in group)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        """The key that asks for replies through shared memory, while on."""
-        return ((shm.REPLY_KEY, str(self.threshold_bytes)),) if self.active else ()
+        """The keys that ask for replies through shared memory and carry the session token, while on."""
+        return ((shm.REPLY_KEY, str(self.threshold_bytes)), (shm.TOKEN_KEY, self._token)) if self.active else ()
 
     def prepare(self, plan: Plan) -> Plan:
         """``plan`` with its large tensors in a new segment (keeping the network plan to fall back to)."""
@@ -129,12 +128,18 @@ class SharedMemory:
         return dataclasses.replace(plan, request=request, payloads=None, shared_memory=True, segment=segment, network=plan)
 
     def fall_back(self, plan: Plan, error: GradServeError) -> Plan:
-        """The network plan after a refusal that says nothing ran and shared memory cannot work; else re-raise ``error``."""
-        if plan.network is None or error.reason not in _FALL_BACK_REASONS:
+        """The same call over the network after a refusal that says nothing ran (reasons SHARED_MEMORY_DISABLED:
+        the network from now on; SHARED_MEMORY_UNAVAILABLE: a segment not found or a token not known, so probe
+        again before the next call). Re-raises ``error`` otherwise."""
+        if not plan.shared_memory or error.reason not in _FALL_BACK_REASONS:
             raise error
         done(plan)
-        self._use_network(f"the server refused a segment: {error.message}")
-        return plan.network
+        if error.reason == "SHARED_MEMORY_DISABLED":
+            self._use_network(f"the server refused shared memory: {error.message}")
+        else:
+            self.state = "pending"
+            log.debug("shared memory refused (%s); this call goes over the network, the next one probes again", error.message)
+        return plan.network or dataclasses.replace(plan, shared_memory=False)
 
 
 def done(plan: Plan) -> None:

@@ -342,7 +342,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             with self._compute:
                 return handler(request, context, _Payloads(), call)
         self.runtime.function(request.function)  # NOT_FOUND before anything else
-        call.shm_bytes = self.shared_memory.shared_bytes(request, call.function or kind)  # checked before mapping
+        call.shm_bytes = self.shared_memory.shared_bytes(request, context, call.function or kind)  # before mapping
         self._check_request(kind, request, call)  # limits and the byte budget, shared bytes included
         with self._compute:
             mapped = shm.map_message(request, what=call.function) if call.shm_bytes else None

@@ -18,6 +18,8 @@ Who unlinks what, on every path (the guarantees README.md states):
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import secrets
 import threading
@@ -54,6 +56,10 @@ class Disabled(shm.SharedMemoryError):
     reason = "SHARED_MEMORY_DISABLED"
 
 
+class UnknownSession(shm.Unavailable):
+    """A call through shared memory without a token this server issued (FAILED_PRECONDITION: probe again; nothing ran)."""
+
+
 class SharedMemoryService:
     """Shared memory for one server.
 
@@ -73,6 +79,7 @@ class SharedMemoryService:
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._interval_s = sweep_interval_s
+        self._key = secrets.token_bytes(32)  # tokens are checked against it: nothing is stored per client
 
     def start(self) -> None:
         """Sweep what dead processes left, then again every ``sweep_interval_s`` seconds in a daemon thread."""
@@ -124,16 +131,34 @@ class SharedMemoryService:
                     return None
         return None
 
-    def shared_bytes(self, request: Message, what: str) -> int:
-        """Check the request's references from the message alone; their total in bytes (for admission).
+    def shared_bytes(self, request: Message, context: grpc.ServicerContext, what: str) -> int:
+        """Check the caller's token and the request's references from the message alone; their total in bytes
+        (for admission).
 
-        Raises :class:`Disabled` when it has references and shared memory is off, and
-        what :func:`shm.shared_bytes` raises.
+        Raises :class:`Disabled` when it has references and shared memory is off,
+        :class:`UnknownSession` without a token this server issued, and what
+        :func:`shm.shared_bytes` raises.
         """
         total = shm.shared_bytes(request, what=what)
-        if total and not self.enabled:
-            raise Disabled(f"{what}: this server runs with shared memory off (--no-shared-memory); send tensors inline")
+        if not self.enabled:
+            if total:
+                raise Disabled(f"{what}: this server runs with shared memory off (--no-shared-memory); send tensors inline")
+            return 0
+        token = next((v for k, v in context.invocation_metadata() or () if k == shm.TOKEN_KEY), "")
+        try:
+            raw = bytes.fromhex(token)
+        except ValueError:
+            raw = b""
+        if len(raw) != 32 or not hmac.compare_digest(raw, self._token(raw[:16])):
+            raise UnknownSession(
+                f"{what}: no valid {shm.TOKEN_KEY} (this server did not issue it: restarted, or another replica); "
+                "nothing ran: probe again with SharedMemoryProbe, or send tensors inline"
+            )
         return total
+
+    def _token(self, salt: bytes) -> bytes:
+        """A session token: ``salt`` (16 bytes) and its HMAC under this server's key (16 bytes)."""
+        return salt + hmac.new(self._key, salt, hashlib.sha256).digest()[:16]
 
     def send(self, response: Message, payloads: list[Any], threshold_bytes: int, context: grpc.ServicerContext) -> str | None:
         """Fill a streamed-form reply for a unary answer: large tensors into one new segment, the rest inline.
@@ -161,16 +186,14 @@ class SharedMemoryService:
             shm.unlink(name)
 
     def probe(self, request: pb.SharedMemoryProbeRequest) -> pb.SharedMemoryProbeResponse:
-        """Read the caller's nonce and offer one of ours (see the SharedMemoryProbe RPC)."""
+        """Read the caller's nonce and hand it a session token in a segment (see the SharedMemoryProbe RPC)."""
         if not self.enabled:
             raise Disabled("SharedMemoryProbe: this server runs with shared memory off (--no-shared-memory)")
-        nonce = shm.read_probe(request.name)
-        ours = secrets.token_bytes(32)
-        name, _ = shm.create_segment([ours])
+        nonce = shm.read_probe(request.name)  # only a process of our user can have made it
+        token = self._token(secrets.token_bytes(16))
+        name, _ = shm.create_segment([token])  # only a process of our user can read it
         self._track(name)
-        return pb.SharedMemoryProbeResponse(
-            nonce=nonce, segment=pb.SharedMemoryRef(name=name, offset=0, byte_size=len(ours)), segment_nonce=ours
-        )
+        return pb.SharedMemoryProbeResponse(nonce=nonce, segment=pb.SharedMemoryRef(name=name, offset=0, byte_size=len(token)))
 
     def _track(self, name: str) -> None:
         with self._lock:

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(not shm.available(), reason="needs a writable /d
 
 MiB = 1 << 20
 BIG = 100_000  # float64 elements: 800 kB, over the 64 KiB threshold and under the 1 MiB stream threshold
-REPLY_META = ((shm.REPLY_KEY, "65536"),)
+Metadata = tuple[tuple[str, str], ...]
 
 
 def segments_of(pid: int) -> list[str]:
@@ -191,7 +191,9 @@ def test_segment_the_server_cannot_find_sends_the_call_again_over_the_network(se
             assert c.transport == "shared_memory"
             x = torch.randn(BIG, dtype=torch.float64)
             assert torch.equal(c.forward("square", x), x * x)  # refused (nothing ran), then sent inline
-            assert c.transport == "network"
+            assert c.transport == "pending"  # the next call probes again
+            assert torch.equal(c.forward_backward("square", x).outputs, x * x)
+            assert c.transport == "shared_memory"
     finally:
         channel.close()
     assert segments_of(os.getpid()) == []
@@ -211,10 +213,34 @@ def _request(ref: pb.SharedMemoryRef, shape: tuple[int, ...] = (1024,)) -> pb.Fo
     return pb.ForwardRequest(function="square", args=[pb.Value(tensor=tensor)])
 
 
-def _refusal(stub: pb_grpc.GradientServiceStub, request: pb.ForwardRequest, metadata=REPLY_META) -> grpc.RpcError:
+def _refusal(stub: pb_grpc.GradientServiceStub, request: pb.ForwardRequest, metadata: Metadata) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         stub.Forward(request, timeout=10, metadata=metadata)
     return info.value
+
+
+@pytest.fixture(scope="module")
+def session(stub: pb_grpc.GradientServiceStub) -> Metadata:
+    """Metadata of calls through shared memory: the probe, done by hand as protocol.md §11 describes."""
+    name, _ = shm.create_segment([b"nonce" * 6])
+    try:
+        reply = stub.SharedMemoryProbe(pb.SharedMemoryProbeRequest(name=name), timeout=10)
+    finally:
+        shm.unlink(name)
+    assert reply.nonce == b"nonce" * 6
+    token = shm.read_probe(reply.segment.name)
+    return ((shm.REPLY_KEY, "65536"), (shm.TOKEN_KEY, token.hex()))
+
+
+def test_calls_without_the_probes_token_are_refused(stub: pb_grpc.GradientServiceStub, session: Metadata, segment: str) -> None:
+    """A process of another user can list /dev/shm and learn segment names, but not read the token."""
+    ref = pb.SharedMemoryRef(name=segment, offset=0, byte_size=4096)
+    forged = session[1][1][:-2] + ("00" if session[1][1][-2:] != "00" else "11")
+    for metadata in (session[:1], (session[0], (shm.TOKEN_KEY, forged)), (session[0], (shm.TOKEN_KEY, "zz"))):
+        error = _refusal(stub, _request(ref), metadata)
+        assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert shm.TOKEN_KEY in error.details()
+    assert (shm.SHM_DIR / segment).exists()  # never mapped
 
 
 @pytest.fixture
@@ -229,25 +255,27 @@ def segment() -> Iterator[str]:
     "name",
     ["../../etc/passwd", "/dev/shm/gradserve-0-1-2-" + "0" * 32, "gradserve-0-1-2-" + "0" * 31 + "/", "libpod_lock", ""],
 )
-def test_names_that_are_not_ours_are_refused_before_opening(stub: pb_grpc.GradientServiceStub, name: str) -> None:
-    error = _refusal(stub, _request(pb.SharedMemoryRef(name=name, offset=0, byte_size=4096)))
+def test_names_that_are_not_ours_are_refused_before_opening(
+    stub: pb_grpc.GradientServiceStub, session: Metadata, name: str
+) -> None:
+    error = _refusal(stub, _request(pb.SharedMemoryRef(name=name, offset=0, byte_size=4096)), session)
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "not a gradserve segment name" in error.details()
 
 
-def test_segment_of_another_user_is_permission_denied(stub: pb_grpc.GradientServiceStub, segment: str) -> None:
+def test_segment_of_another_user_is_permission_denied(stub: pb_grpc.GradientServiceStub, session: Metadata, segment: str) -> None:
     if os.geteuid() != 0:
         pytest.skip("chown to another uid needs root")
     os.chown(shm.SHM_DIR / segment, 12345, -1)
-    error = _refusal(stub, _request(pb.SharedMemoryRef(name=segment, offset=0, byte_size=4096)))
+    error = _refusal(stub, _request(pb.SharedMemoryRef(name=segment, offset=0, byte_size=4096)), session)
     assert error.code() is grpc.StatusCode.PERMISSION_DENIED
     assert "uid 12345" in error.details()
     assert (shm.SHM_DIR / segment).exists()  # refused before mapping: not unlinked by the server
 
 
-def test_segment_others_may_open_is_permission_denied(stub: pb_grpc.GradientServiceStub, segment: str) -> None:
+def test_segment_others_may_open_is_permission_denied(stub: pb_grpc.GradientServiceStub, session: Metadata, segment: str) -> None:
     os.chmod(shm.SHM_DIR / segment, 0o644)
-    error = _refusal(stub, _request(pb.SharedMemoryRef(name=segment, offset=0, byte_size=4096)))
+    error = _refusal(stub, _request(pb.SharedMemoryRef(name=segment, offset=0, byte_size=4096)), session)
     assert error.code() is grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -261,43 +289,49 @@ def test_segment_others_may_open_is_permission_denied(stub: pb_grpc.GradientServ
     ],
 )
 def test_sizes_and_offsets_are_checked(
-    stub: pb_grpc.GradientServiceStub, segment: str, offset: int, byte_size: int, shape: tuple[int, ...], words: str
+    stub: pb_grpc.GradientServiceStub,
+    session: Metadata,
+    segment: str,
+    offset: int,
+    byte_size: int,
+    shape: tuple[int, ...],
+    words: str,
 ) -> None:
-    error = _refusal(stub, _request(pb.SharedMemoryRef(name=segment, offset=offset, byte_size=byte_size), shape))
+    error = _refusal(stub, _request(pb.SharedMemoryRef(name=segment, offset=offset, byte_size=byte_size), shape), session)
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert words in error.details()
 
 
-def test_overlapping_references_are_refused(stub: pb_grpc.GradientServiceStub, segment: str) -> None:
+def test_overlapping_references_are_refused(stub: pb_grpc.GradientServiceStub, session: Metadata, segment: str) -> None:
     ref = pb.SharedMemoryRef(name=segment, offset=0, byte_size=4096)
     tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=(1024,), shared_memory=ref)
     request = pb.ForwardRequest(function="linear", args=[pb.Value(tensor=tensor)] * 2)
-    error = _refusal(stub, request)
+    error = _refusal(stub, request, session)
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "overlap" in error.details()
 
 
-def test_missing_segment_is_failed_precondition(stub: pb_grpc.GradientServiceStub) -> None:
-    error = _refusal(stub, _request(pb.SharedMemoryRef(name=shm.new_name(), offset=0, byte_size=4096)))
+def test_missing_segment_is_failed_precondition(stub: pb_grpc.GradientServiceStub, session: Metadata) -> None:
+    error = _refusal(stub, _request(pb.SharedMemoryRef(name=shm.new_name(), offset=0, byte_size=4096)), session)
     assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert "does not exist" in error.details()
 
 
-def test_limits_are_checked_from_the_header_before_mapping(stub: pb_grpc.GradientServiceStub) -> None:
+def test_limits_are_checked_from_the_header_before_mapping(stub: pb_grpc.GradientServiceStub, session: Metadata) -> None:
     # 16 MiB declared, over --max-tensor-bytes 8 MiB: refused before the (missing) segment is looked for.
     ref = pb.SharedMemoryRef(name=shm.new_name(), offset=0, byte_size=16 * MiB)
-    error = _refusal(stub, _request(ref, (4 * MiB,)))
+    error = _refusal(stub, _request(ref, (4 * MiB,)), session)
     assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_reference_without_the_metadata_is_invalid(stub: pb_grpc.GradientServiceStub, segment: str) -> None:
-    error = _refusal(stub, _request(pb.SharedMemoryRef(name=segment, offset=0, byte_size=4096)), metadata=())
+    error = _refusal(stub, _request(pb.SharedMemoryRef(name=segment, offset=0, byte_size=4096)), ())
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "SharedMemoryProbe" in error.details()
 
 
-def test_a_good_reference_is_mapped_and_unlinked(stub: pb_grpc.GradientServiceStub, segment: str) -> None:
-    reply = stub.Forward(_request(pb.SharedMemoryRef(name=segment, offset=0, byte_size=4096)), timeout=10, metadata=REPLY_META)
+def test_a_good_reference_is_mapped_and_unlinked(stub: pb_grpc.GradientServiceStub, session: Metadata, segment: str) -> None:
+    reply = stub.Forward(_request(pb.SharedMemoryRef(name=segment, offset=0, byte_size=4096)), timeout=10, metadata=session)
     assert not (shm.SHM_DIR / segment).exists()  # unlinked once mapped
     assert reply.outputs[0].data == torch.full((1024,), 4.0).numpy().tobytes()  # under the reply threshold: inline
 

@@ -280,14 +280,12 @@ class SharedMemoryProbeRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class SharedMemoryProbeResponse(_message.Message):
-    __slots__ = ("nonce", "segment", "segment_nonce")
+    __slots__ = ("nonce", "segment")
     NONCE_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
-    SEGMENT_NONCE_FIELD_NUMBER: _ClassVar[int]
     nonce: bytes
     segment: SharedMemoryRef
-    segment_nonce: bytes
-    def __init__(self, nonce: _Optional[bytes] = ..., segment: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., segment_nonce: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, nonce: _Optional[bytes] = ..., segment: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
     __slots__ = ("forward", "backward", "forward_backward", "data")

@@ -122,11 +122,15 @@ class GradientServiceStub:
     """Proves that caller and server share a host, a /dev/shm and a user, so tensors
     may travel through POSIX shared memory (Tensor.shared_memory): the caller
     names a segment it created holding a random nonce; the server reads the nonce
-    back and answers with a segment of its own holding another. Nothing else is
-    kept. A client that has not seen this succeed never sends a reference.
+    back (from a segment of its own user only) and answers with a segment of its
+    own holding a session token, which only a process of that user can read. Calls
+    through shared memory carry the token (metadata
+    "gradserve-shared-memory-token"), so a process of another user that learns
+    segment names from the /dev/shm listing cannot have them read. Nothing is
+    kept: the token is checked against a key of the server process.
     Status codes:
-      OK                  both directions work: the caller checks `nonce` and reads
-                          `segment` (then unlinks it);
+      OK                  both directions work: the caller checks `nonce`, reads
+                          the token from `segment` and unlinks it;
       FAILED_PRECONDITION shared memory is off on this server (reason
                           SHARED_MEMORY_DISABLED), or the segment does not exist
                           here: another host or another /dev/shm (reason
@@ -218,11 +222,15 @@ class GradientServiceAsyncStub(GradientServiceStub):
     """Proves that caller and server share a host, a /dev/shm and a user, so tensors
     may travel through POSIX shared memory (Tensor.shared_memory): the caller
     names a segment it created holding a random nonce; the server reads the nonce
-    back and answers with a segment of its own holding another. Nothing else is
-    kept. A client that has not seen this succeed never sends a reference.
+    back (from a segment of its own user only) and answers with a segment of its
+    own holding a session token, which only a process of that user can read. Calls
+    through shared memory carry the token (metadata
+    "gradserve-shared-memory-token"), so a process of another user that learns
+    segment names from the /dev/shm listing cannot have them read. Nothing is
+    kept: the token is checked against a key of the server process.
     Status codes:
-      OK                  both directions work: the caller checks `nonce` and reads
-                          `segment` (then unlinks it);
+      OK                  both directions work: the caller checks `nonce`, reads
+                          the token from `segment` and unlinks it;
       FAILED_PRECONDITION shared memory is off on this server (reason
                           SHARED_MEMORY_DISABLED), or the segment does not exist
                           here: another host or another /dev/shm (reason
@@ -353,11 +361,15 @@ class GradientServiceServicer(metaclass=_abc_1.ABCMeta):
         """Proves that caller and server share a host, a /dev/shm and a user, so tensors
         may travel through POSIX shared memory (Tensor.shared_memory): the caller
         names a segment it created holding a random nonce; the server reads the nonce
-        back and answers with a segment of its own holding another. Nothing else is
-        kept. A client that has not seen this succeed never sends a reference.
+        back (from a segment of its own user only) and answers with a segment of its
+        own holding a session token, which only a process of that user can read. Calls
+        through shared memory carry the token (metadata
+        "gradserve-shared-memory-token"), so a process of another user that learns
+        segment names from the /dev/shm listing cannot have them read. Nothing is
+        kept: the token is checked against a key of the server process.
         Status codes:
-          OK                  both directions work: the caller checks `nonce` and reads
-                              `segment` (then unlinks it);
+          OK                  both directions work: the caller checks `nonce`, reads
+                              the token from `segment` and unlinks it;
           FAILED_PRECONDITION shared memory is off on this server (reason
                               SHARED_MEMORY_DISABLED), or the segment does not exist
                               here: another host or another /dev/shm (reason

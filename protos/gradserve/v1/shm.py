@@ -44,6 +44,7 @@ __all__ = [
     "ALIGN",
     "REPLY_KEY",
     "SHM_DIR",
+    "TOKEN_KEY",
     "NotOwned",
     "SharedMemoryError",
     "Unavailable",
@@ -65,6 +66,9 @@ ALIGN = 64
 
 REPLY_KEY = "gradserve-shared-memory-reply-bytes"
 """Request metadata of a client whose probe succeeded: reply tensors of at least this many bytes through shared memory."""
+
+TOKEN_KEY = "gradserve-shared-memory-token"
+"""Request metadata beside :data:`REPLY_KEY`: the session token (hex) read from the probe's reply segment."""
 
 PROBE_MAX_BYTES = 64
 """Largest probe segment, in bytes."""
