@@ -69,9 +69,21 @@ class SharedMemoryService:
         ``--shared-memory``; also off when this host has no writable /dev/shm.
     reply_ttl_s, sweep_interval_s
         See :data:`REPLY_TTL_S` and :data:`SWEEP_INTERVAL_S`.
+    key
+        Secret (at least 32 bytes) under which session tokens are issued and checked;
+        default: a random one for this process. Server processes sharing a port
+        (``--workers``) should share one, so a token from any of them works on all.
     """
 
-    def __init__(self, enabled: bool, reply_ttl_s: float = REPLY_TTL_S, sweep_interval_s: float = SWEEP_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        enabled: bool,
+        reply_ttl_s: float = REPLY_TTL_S,
+        sweep_interval_s: float = SWEEP_INTERVAL_S,
+        key: bytes | None = None,
+    ) -> None:
+        if key is not None and len(key) < 32:
+            raise ValueError(f"shared-memory token key: at least 32 bytes, got {len(key)}")
         self.enabled = enabled and shm.available()
         self.reply_ttl_s = reply_ttl_s
         self._replies: dict[str, float] = {}  # name -> unlink-by time (monotonic)
@@ -79,7 +91,7 @@ class SharedMemoryService:
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._interval_s = sweep_interval_s
-        self._key = secrets.token_bytes(32)  # tokens are checked against it: nothing is stored per client
+        self._key = key or secrets.token_bytes(32)  # tokens are checked against it: nothing is stored per client
 
     def start(self) -> None:
         """Sweep what dead processes left, then again every ``sweep_interval_s`` seconds in a daemon thread."""
