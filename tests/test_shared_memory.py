@@ -221,6 +221,10 @@ def _refusal(stub: pb_grpc.GradientServiceStub, request: pb.ForwardRequest, meta
 
 @pytest.fixture(scope="module")
 def session(stub: pb_grpc.GradientServiceStub) -> Metadata:
+    return probe(stub)
+
+
+def probe(stub: pb_grpc.GradientServiceStub) -> Metadata:
     """Metadata of calls through shared memory: the probe, done by hand as protocol.md §11 describes."""
     name, _ = shm.create_segment([b"nonce" * 6])
     try:
@@ -322,6 +326,19 @@ def test_limits_are_checked_from_the_header_before_mapping(stub: pb_grpc.Gradien
     ref = pb.SharedMemoryRef(name=shm.new_name(), offset=0, byte_size=16 * MiB)
     error = _refusal(stub, _request(ref, (4 * MiB,)), session)
     assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_shared_bytes_count_against_the_inflight_budget_before_mapping() -> None:
+    running = create_server(ServerConfig(port=0, device="cpu", max_inflight_bytes=2 * MiB), registry)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.GradientServiceStub(channel)
+            ref = pb.SharedMemoryRef(name=shm.new_name(), offset=0, byte_size=4 * MiB)  # missing: never looked for
+            error = _refusal(stub, _request(ref, (MiB,)), probe(stub))
+    finally:
+        running.stop(0)
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--max-inflight-bytes" in error.details()
 
 
 def test_reference_without_the_metadata_is_invalid(stub: pb_grpc.GradientServiceStub, segment: str) -> None:
