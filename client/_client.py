@@ -69,7 +69,8 @@ class GradientClient:
         call uses the network, as without this flag. :attr:`transport` says which.
         Linux only. Default off.
     shared_memory_threshold_bytes
-        Smallest tensor, in bytes, sent through shared memory. Default 64 KiB.
+        Smallest tensor, in bytes, sent through shared memory. Default 256 KiB (below
+        about that, the fixed cost of a segment outweighs the copy it saves).
 
     Tensors may come on any device and in any supported dtype; outputs come back on
     the device of the first tensor argument (CPU when there is none) and gradients on

@@ -34,8 +34,10 @@ __all__ = ["DEFAULT_THRESHOLD_BYTES", "SharedMemory"]
 
 log = logging.getLogger("gradserve.client")
 
-DEFAULT_THRESHOLD_BYTES = 64 * 1024
-"""Tensors of at least this many bytes travel through shared memory; smaller ones inline (a segment costs a few syscalls)."""
+DEFAULT_THRESHOLD_BYTES = 256 * 1024
+"""Tensors of at least this many bytes travel through shared memory; smaller ones inline. A segment costs a fixed
+few syscalls and mappings per call: measured here (benchmarks/shared_memory.py), shared memory lost below 128 KiB and
+won from 256 KiB on."""
 
 _FALL_BACK_REASONS = frozenset({"SHARED_MEMORY_UNAVAILABLE", "SHARED_MEMORY_DISABLED"})
 _TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})

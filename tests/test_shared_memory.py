@@ -29,7 +29,7 @@ from gradserve.v1 import shm, streaming
 pytestmark = pytest.mark.skipif(not shm.available(), reason="needs a writable /dev/shm (Linux)")
 
 MiB = 1 << 20
-BIG = 100_000  # float64 elements: 800 kB, over the 64 KiB threshold and under the 1 MiB stream threshold
+BIG = 100_000  # float64 elements: 800 kB, over the 256 KiB threshold and under the 1 MiB stream threshold
 Metadata = tuple[tuple[str, str], ...]
 
 

@@ -24,6 +24,7 @@ Life of a segment (see README, "Same-host shared memory"):
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import re
@@ -102,6 +103,7 @@ def available() -> bool:
     return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK | os.X_OK)
 
 
+@functools.cache
 def _pid_namespace() -> int:
     """Inode of this process's pid namespace (0 when /proc does not say): pids mean something only inside one."""
     try:
