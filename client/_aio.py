@@ -14,9 +14,10 @@ from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from gradserve.v1 import streaming
 from gradserve.v1.connection import ChannelSettings
 
-from ._core import REPLY_ERRORS, WAIT_FOR_SERVER_S, ClientCore, Plan, StartupWait, malformed_reply
+from ._core import REPLY_ERRORS, WAIT_FOR_SERVER_S, ClientCore, Plan, StartupWait, malformed_reply, release
 from ._errors import GradServeError, UnavailableError
 from ._messages import ForwardBackwardResult, FunctionInfo, Outputs
+from ._shm import DEFAULT_THRESHOLD_BYTES, SharedMemory
 
 __all__ = ["AsyncGradientClient"]
 
@@ -45,9 +46,12 @@ class AsyncGradientClient:
         options: Sequence[tuple[str, Any]] = (),
         stream_threshold_bytes: int = streaming.CHUNK_BYTES,
         wait_for_server_s: float = WAIT_FOR_SERVER_S,
+        shared_memory: bool = False,
+        shared_memory_threshold_bytes: int = DEFAULT_THRESHOLD_BYTES,
     ) -> None:
         settings = ChannelSettings(tls, root_certificates, private_key, certificate_chain, token, options)
-        self._core = ClientCore(target, timeout, settings, stream_threshold_bytes, wait_for_server_s)
+        shm = SharedMemory(shared_memory_threshold_bytes) if shared_memory else None
+        self._core = ClientCore(target, timeout, settings, stream_threshold_bytes, wait_for_server_s, shm)
         self._channel = settings.open_channel(target, grpc.aio)
         self._stub = pb_grpc.GradientServiceStub(self._channel)
 
@@ -55,6 +59,11 @@ class AsyncGradientClient:
     def target(self) -> str:
         """The gRPC target this client calls."""
         return self._core.target
+
+    @property
+    def transport(self) -> str:
+        """As :attr:`GradientClient.transport`."""
+        return self._core.transport
 
     async def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
@@ -90,11 +99,31 @@ class AsyncGradientClient:
     async def _run(self, plan: Plan, timeout: float | None) -> Any:
         """As ``GradientClient._run``, awaiting."""
         wait = self._core.startup_wait(timeout)
-        while True:
-            try:
-                return await self._attempt(plan, wait)
-            except UnavailableError as error:
-                await asyncio.sleep(wait.retry_after(error))
+        await self._probe(wait)
+        plan = self._core.prepare(plan)
+        try:
+            while True:
+                try:
+                    return await self._attempt(plan, wait)
+                except UnavailableError as error:
+                    await asyncio.sleep(wait.retry_after(error))
+                except GradServeError as error:
+                    plan = self._core.fall_back(plan, error)
+        finally:
+            release(plan)
+
+    async def _probe(self, wait: StartupWait) -> None:
+        """As ``GradientClient._probe``, awaiting."""
+        due = self._core.probe_plan()
+        if due is None:
+            return
+        plan, nonce = due
+        try:
+            self._core.shared_memory.probe_reply(await self._attempt(plan, wait), nonce)
+        except GradServeError as error:
+            self._core.shared_memory.probe_failed(error)
+        finally:
+            release(plan)
 
     async def _attempt(self, plan: Plan, wait: StartupWait) -> Any:
         if self._channel.get_state(try_to_connect=True) is not grpc.ChannelConnectivity.READY:

@@ -19,9 +19,10 @@ from gradserve.v1.connection import ChannelSettings
 
 from . import _messages as m
 from ._autograd import remote_call
-from ._core import REPLY_ERRORS, WAIT_FOR_SERVER_S, ClientCore, Plan, StartupWait, malformed_reply
+from ._core import REPLY_ERRORS, WAIT_FOR_SERVER_S, ClientCore, Plan, StartupWait, malformed_reply, release
 from ._errors import CancelledError, GradServeError, HandleNotFoundError, UnavailableError
 from ._messages import ForwardBackwardResult, FunctionInfo, Outputs
+from ._shm import DEFAULT_THRESHOLD_BYTES, SharedMemory
 
 __all__ = ["GradientClient"]
 
@@ -59,6 +60,17 @@ class GradientClient:
         is not reachable yet or still loading its Functions (``make serve`` and a
         script started together just work). With a deadline, the deadline bounds it.
         Default 60.
+    shared_memory
+        When the server runs on this host, as this user, and allows it (it does by
+        default): tensors of at least ``shared_memory_threshold_bytes`` travel both ways
+        through POSIX shared memory (``/dev/shm``), and only references cross gRPC.
+        The first call proves it with the SharedMemoryProbe RPC; when that fails
+        (another host or container, ``--no-shared-memory``, an older server) every
+        call uses the network, as without this flag. :attr:`transport` says which.
+        Linux only. Default off.
+    shared_memory_threshold_bytes
+        Smallest tensor, in bytes, sent through shared memory. Default 256 KiB (below
+        about that, the fixed cost of a segment outweighs the copy it saves).
 
     Tensors may come on any device and in any supported dtype; outputs come back on
     the device of the first tensor argument (CPU when there is none) and gradients on
@@ -88,9 +100,12 @@ class GradientClient:
         channel: grpc.Channel | None = None,
         stream_threshold_bytes: int = streaming.CHUNK_BYTES,
         wait_for_server_s: float = WAIT_FOR_SERVER_S,
+        shared_memory: bool = False,
+        shared_memory_threshold_bytes: int = DEFAULT_THRESHOLD_BYTES,
     ) -> None:
         settings = ChannelSettings(tls, root_certificates, private_key, certificate_chain, token, options)
-        self._core = ClientCore(target, timeout, settings, stream_threshold_bytes, wait_for_server_s)
+        shm = SharedMemory(shared_memory_threshold_bytes) if shared_memory else None
+        self._core = ClientCore(target, timeout, settings, stream_threshold_bytes, wait_for_server_s, shm)
         self._owns_channel = channel is None
         self._channel = channel or settings.open_channel(target, grpc)
         self._stub = pb_grpc.GradientServiceStub(self._channel)
@@ -101,6 +116,12 @@ class GradientClient:
     def target(self) -> str:
         """The gRPC target this client calls."""
         return self._core.target
+
+    @property
+    def transport(self) -> str:
+        """How tensors travel: ``"shared_memory"`` (large ones through /dev/shm), ``"network"``, or
+        ``"pending"`` until the first call has probed the server (with ``shared_memory=True``)."""
+        return self._core.transport
 
     @property
     def timeout(self) -> float | None:
@@ -241,11 +262,31 @@ class GradientClient:
     def _run(self, plan: Plan, timeout: float | None) -> Any:
         """Make the call; again only while the server says it has not started (see ClientCore)."""
         wait = self._core.startup_wait(timeout)
-        while True:
-            try:
-                return self._attempt(plan, wait)
-            except UnavailableError as error:
-                time.sleep(wait.retry_after(error))
+        self._probe(wait)
+        plan = self._core.prepare(plan)
+        try:
+            while True:
+                try:
+                    return self._attempt(plan, wait)
+                except UnavailableError as error:
+                    time.sleep(wait.retry_after(error))
+                except GradServeError as error:
+                    plan = self._core.fall_back(plan, error)  # a refused segment: the same call over the network
+        finally:
+            release(plan)
+
+    def _probe(self, wait: StartupWait) -> None:
+        """Same-host shared memory: prove it before the first call that could use it (see ``client/_shm.py``)."""
+        due = self._core.probe_plan()
+        if due is None:
+            return
+        plan, nonce = due
+        try:
+            self._core.shared_memory.probe_reply(self._attempt(plan, wait), nonce)
+        except GradServeError as error:
+            self._core.shared_memory.probe_failed(error)
+        finally:
+            release(plan)
 
     def _attempt(self, plan: Plan, wait: StartupWait) -> Any:
         if self._closed:

@@ -21,20 +21,22 @@ from typing import Any
 import grpc
 import torch
 
-from gradserve.v1 import codec, streaming
+from gradserve.v1 import codec, shm, streaming
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1.connection import ChannelSettings
 
 from . import _messages as m
+from . import _shm
 from ._errors import ArgumentError, GradServeError, InternalError, from_rpc_error
 
-__all__ = ["REPLY_ERRORS", "ClientCore", "Plan", "StartupWait", "malformed_reply"]
+__all__ = ["REPLY_ERRORS", "ClientCore", "Plan", "StartupWait", "malformed_reply", "release"]
 
 _METHODS = {
     "list_functions": "ListFunctions",
     "forward": "Forward",
     "backward": "Backward",
     "forward_backward": "ForwardBackward",
+    "shared_memory_probe": "SharedMemoryProbe",
 }
 
 _REPORT_MARGIN_S = 0.2
@@ -51,12 +53,19 @@ class Plan:
     (``StreamCall``; ``request`` is then the header), None for a single message.
     ``decode(response, incoming)`` turns the reply (and, streamed, an iterator of its
     tensors' bytes) into the method's result.
+
+    Same-host shared memory: ``shared_memory`` says a unary reply may reference
+    segments (mapped before ``decode``); ``segment`` names the request's segment (unlinked
+    when the call ends); ``network`` is the same call with every byte over gRPC.
     """
 
     kind: str
     request: Any
     payloads: list[torch.Tensor] | None
     decode: Callable[[Any, Iterator[torch.Tensor] | None], Any]
+    shared_memory: bool = False
+    segment: str | None = None
+    network: Plan | None = None
 
     @property
     def method(self) -> str:
@@ -66,6 +75,9 @@ class Plan:
     def read(self, response: Any, incoming: Iterator[torch.Tensor] | None) -> Any:
         """The method's result; a reply that breaks the contract is an InternalError (a GradServeError)."""
         try:
+            if self.shared_memory and incoming is None:
+                mapped = shm.map_message(response, what="reply")  # then unlinked: nothing left if we fail below
+                incoming = iter(mapped) if mapped is not None else None
             return self.decode(response, incoming)
         except codec.CodecError as exc:
             raise malformed_reply(exc) from None
@@ -128,9 +140,16 @@ class ClientCore:
     """
 
     def __init__(
-        self, target: str, timeout: float | None, settings: ChannelSettings, stream_threshold_bytes: int, wait_for_server_s: float
+        self,
+        target: str,
+        timeout: float | None,
+        settings: ChannelSettings,
+        stream_threshold_bytes: int,
+        wait_for_server_s: float,
+        shared_memory: _shm.SharedMemory | None = None,
     ) -> None:
         self.target = target
+        self.shared_memory = shared_memory
         self.timeout = timeout
         self.settings = settings
         self.stream_threshold_bytes = stream_threshold_bytes
@@ -151,7 +170,10 @@ class ClientCore:
         unreachable fails with the connection's own error (and a TLS hint), not a bare
         DEADLINE_EXCEEDED.
         """
-        return {"timeout": wait.remaining(), "metadata": self.settings.metadata()}
+        metadata = self.settings.metadata()
+        if self.shared_memory is not None and self.shared_memory.active:
+            metadata += self.shared_memory.metadata()
+        return {"timeout": wait.remaining(), "metadata": metadata}
 
     def error(self, error: grpc.RpcError) -> GradServeError:
         """The GradServeError for a failed call, with a hint where a TLS mismatch is the likely cause
@@ -162,6 +184,33 @@ class ClientCore:
             if hint:
                 return type(converted)(converted.code, f"{converted.message} ({hint})", converted.reason)
         return converted
+
+    # -- same-host shared memory (see _shm) ---------------------------------------------
+
+    @property
+    def transport(self) -> str:
+        """``"shared_memory"``, ``"network"``, or ``"pending"`` before the first call's probe."""
+        return "network" if self.shared_memory is None else self.shared_memory.state
+
+    def probe_plan(self) -> tuple[Plan, bytes] | None:
+        """The SharedMemoryProbe call to make before this call, with its nonce; None when none is due."""
+        if self.shared_memory is None or self.shared_memory.state != "pending":
+            return None
+        made = self.shared_memory.probe_request()
+        if made is None:
+            return None
+        request, segment, nonce = made
+        return Plan("shared_memory_probe", request, None, lambda r, _: r, segment=segment), nonce
+
+    def prepare(self, plan: Plan) -> Plan:
+        """``plan`` as it will be sent: large tensors moved to a segment while shared memory is on."""
+        return plan if self.shared_memory is None else self.shared_memory.prepare(plan)
+
+    def fall_back(self, plan: Plan, error: GradServeError) -> Plan:
+        """The plan to send after ``error``: the network one when a segment was refused; else re-raises ``error``."""
+        if self.shared_memory is None:
+            raise error
+        return self.shared_memory.fall_back(plan, error)
 
     # -- plans --------------------------------------------------------------------------
 
@@ -201,6 +250,8 @@ class ClientCore:
         return Plan("backward", request, payloads, lambda r, inc: m.backward_reply(r, step.inputs, inc))
 
     def _payloads(self, *groups: Sequence[Any]) -> list[torch.Tensor] | None:
+        if self.shared_memory is not None and self.shared_memory.wants(groups):
+            return []  # streamed form: prepare() moves the large tensors into a segment
         return m.payload_list(self.stream_threshold_bytes, *groups)
 
 
@@ -240,3 +291,8 @@ def _tls_hint(message: str, settings: ChannelSettings) -> str:
     if settings.private_key is None:
         causes.insert(0, "the server may require a client certificate (private_key= and certificate_chain=)")
     return "TLS handshake failed: " + "; ".join(causes)
+
+
+def release(plan: Plan) -> None:
+    """Free what a call held once it ended: its request's shared-memory segment."""
+    _shm.done(plan)

@@ -47,6 +47,7 @@ class ServerConfig:
     auth_tokens_file: str = ""
     auth_tokens: str = ""
     open_reflection: bool = False
+    shared_memory: bool = True
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -101,6 +102,8 @@ _HELP = {
     "not fit waits up to its deadline, then gets RESOURCE_EXHAUSTED. 0 turns the limit off",
     "check_timeout_s": "with --check: seconds each Function's start-up check may take; one over it is listed as "
     "unavailable (check timed out)",
+    "shared_memory": "let clients on this host, of this user, send and receive large tensors through POSIX shared "
+    "memory (/dev/shm) once they proved both with the SharedMemoryProbe RPC; others always use the network",
     "open_reflection": "serve reflection without a token even when tokens are required",
     "max_request_bytes": "largest request message, in bytes; larger ones get RESOURCE_EXHAUSTED",
     "max_tensor_bytes": "largest single tensor, in bytes; checked before allocation",

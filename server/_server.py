@@ -32,6 +32,7 @@ from ._metrics import Metrics
 from ._registry import Registry, load_modules
 from ._runtime import Runtime, resolve_device
 from ._servicer import GradientServicer
+from ._shm import SharedMemoryService
 
 __all__ = ["EXIT_CONFIG_ERROR", "EXIT_FORCED", "EXIT_OK", "RunningServer", "create_server", "serve"]
 
@@ -112,6 +113,8 @@ class RunningServer:
         # keeps its thread, so wait for the stop a little past the grace period only.
         self.grpc_server.stop(grace_period_s).wait(timeout=(grace_period_s or 0.0) + 1.0)
         self.metrics.stop()
+        if self.servicer is not None:
+            self.servicer.shared_memory.stop()
         if self.watchdog is not None:
             self.watchdog.stop()
         if self.limiter is None:
@@ -210,6 +213,7 @@ def create_server(
         max_concurrent=config.max_workers,
         budget=budget,
         tokens_required=bool(tokens),
+        shared_memory=SharedMemoryService(config.shared_memory),
     )
     watchdog = IdleWatchdog(
         config.idle_stream_timeout_s,
@@ -289,6 +293,7 @@ def create_server(
         watchdog.stop()
         raise
     metrics_box.append(metrics)
+    servicer.shared_memory.start()  # sweeps what dead processes left, then periodically
     servicer.attach(runtime, metrics)
     served = [f.name for f in registry if f.name not in runtime.unavailable]
     if served:
@@ -296,12 +301,13 @@ def create_server(
     else:
         log.warning("no Function can be served (none registered, or every one failed its check): health stays NOT_SERVING")
     log.info(
-        "serving %d function(s)%s on %s:%d (%s%s), device %s%s: %s",
+        "serving %d function(s)%s on %s:%d (%s%s%s), device %s%s: %s",
         len(served),
         f" ({len(runtime.unavailable)} more unavailable)" if runtime.unavailable else "",
         config.host,
         port,
         "TLS" if credentials else "plaintext",
+        ", same-host shared memory" if servicer.shared_memory.enabled else "",
         ", tokens required" if tokens else "",
         device,
         f", metrics on :{metrics_port}/metrics" if metrics_port else "",

@@ -31,7 +31,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from gradserve.v1 import codec, streaming
+from gradserve.v1 import codec, shm, streaming
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
@@ -42,6 +42,7 @@ from ._logging import escape
 from ._metrics import Metrics
 from ._registry import RegisteredFunction
 from ._runtime import ForwardResult, RngReplay, Runtime
+from ._shm import SharedMemoryService
 
 __all__ = ["ERROR_DOMAIN", "GradientServicer"]
 
@@ -67,7 +68,7 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, reason: str, me
 
 def _classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     """(status code, ErrorInfo reason, message) for an exception raised while serving: the one mapping."""
-    if isinstance(exc, GradServeServerError):
+    if isinstance(exc, (GradServeServerError, shm.SharedMemoryError)):
         return grpc.StatusCode[exc.code], exc.reason, str(exc)
     if isinstance(exc, codec.TensorTooLarge):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "TENSOR_TOO_LARGE", str(exc)
@@ -94,6 +95,7 @@ class _CallRecord:
         self.raw_function = ""
         self.bytes_in = 0
         self.bytes_out = 0
+        self.shm_bytes = 0  # request bytes in shared-memory segments (admitted once: they are mapped, not copied)
         self.start = time.perf_counter()
         self.reservation: Reservation | None = None
         self._owner: str | None = None
@@ -236,6 +238,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     tokens_required
         Whether the server verifies bearer tokens (then a token is an identity that owns
         handles).
+    shared_memory
+        Same-host shared memory (``--shared-memory``); None: off.
     """
 
     def __init__(
@@ -246,6 +250,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         max_concurrent: int = 16,
         budget: ByteBudget | None = None,
         tokens_required: bool = False,
+        shared_memory: SharedMemoryService | None = None,
     ) -> None:
         self.runtime: Runtime | None = None
         self.metrics: Metrics | None = None
@@ -254,6 +259,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self.budget = budget or ByteBudget(0)
         self._compute = threading.BoundedSemaphore(max_concurrent)
         self._tokens_required = tokens_required
+        self.shared_memory = shared_memory or SharedMemoryService(False)
 
     def identify(self, context: grpc.ServicerContext) -> str:
         """The caller's identity: token digest, client certificate digest, or anonymous."""
@@ -296,29 +302,64 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
 
     @_rpc
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext, call: _CallRecord) -> pb.ForwardResponse:
-        self._check_request("forward", request, call)
-        with self._compute:
-            return self._forward(request, context, _Payloads(), call)
+        return self._unary("forward", self._forward, request, context, call)
 
     @_rpc
     def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext, call: _CallRecord) -> pb.BackwardResponse:
-        self._check_request("backward", request, call)
-        with self._compute:
-            return self._backward(request, context, _Payloads(), call)
+        return self._unary("backward", self._backward, request, context, call)
 
     @_rpc
     def ForwardBackward(
         self, request: pb.ForwardBackwardRequest, context: grpc.ServicerContext, call: _CallRecord
     ) -> pb.ForwardBackwardResponse:
-        self._check_request("forward_backward", request, call)
-        with self._compute:
-            return self._forward_backward(request, context, _Payloads(), call)
+        return self._unary("forward_backward", self._forward_backward, request, context, call)
 
     @_rpc
     def ReleaseHandles(
         self, request: pb.ReleaseHandlesRequest, context: grpc.ServicerContext, call: _CallRecord
     ) -> pb.ReleaseHandlesResponse:
         return pb.ReleaseHandlesResponse(released=self.runtime.handles.release(request.handles, call.owner))
+
+    def SharedMemoryProbe(
+        self, request: pb.SharedMemoryProbeRequest, context: grpc.ServicerContext
+    ) -> pb.SharedMemoryProbeResponse:
+        """Prove a shared host, /dev/shm and user (see the RPC's comment); answers while loading too."""
+        call = _CallRecord(self, "SharedMemoryProbe", context)
+        try:
+            response = self.shared_memory.probe(request)
+        except BaseException as exc:
+            call.fail(exc)
+        call.finish(grpc.StatusCode.OK)
+        return response
+
+    def _unary(
+        self, kind: str, handler: Callable[..., Message], request: Any, context: grpc.ServicerContext, call: _CallRecord
+    ) -> Message:
+        """A unary Forward, Backward or ForwardBackward; through shared memory when the client asks (its metadata)."""
+        reply_bytes = self.shared_memory.reply_threshold(context)
+        if reply_bytes is None:  # the plain path: no reference may be in the request
+            self._check_request(kind, request, call)
+            with self._compute:
+                return handler(request, context, _Payloads(), call)
+        self.runtime.function(request.function)  # NOT_FOUND before anything else
+        call.shm_bytes = self.shared_memory.shared_bytes(request, context, call.function or kind)  # before mapping
+        self._check_request(kind, request, call)  # limits and the byte budget, shared bytes included
+        with self._compute:
+            mapped = shm.map_message(request, what=call.function) if call.shm_bytes else None
+            io = _Payloads(
+                incoming=iter(mapped) if mapped is not None else None, outgoing=[] if self.shared_memory.enabled else None
+            )
+            response = handler(request, context, io, call)
+            if io.outgoing is None:
+                return response
+            segment = self.shared_memory.send(response, io.outgoing, reply_bytes, context)
+            try:
+                if io.pending is not None:  # the reply is built and the caller still there: keep the graph
+                    self.runtime.keep(io.pending, call.owner)
+            except BaseException:
+                self.shared_memory.discard(segment)
+                raise
+            return response
 
     def StreamCall(
         self, request_iterator: Iterator[pb.StreamRequest], context: grpc.ServicerContext
@@ -392,7 +433,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         if kind != "forward":
             self._check_values(entry, request.grad_outputs, "grad_outputs")
         if admit:
-            self._admit(call, _UNARY_COPIES * call.bytes_in, call.context)
+            self._admit(call, _UNARY_COPIES * call.bytes_in + call.shm_bytes, call.context)
 
     def _check_values(self, entry: RegisteredFunction, values: Any, what: str, *, kwargs: Any = None) -> None:
         """Argument count against the signature, then each tensor's declared dtype and size: nothing decoded."""

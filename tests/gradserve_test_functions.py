@@ -209,3 +209,11 @@ def deterministic_liar(x: torch.Tensor) -> torch.Tensor:
 def keyword_only(x: torch.Tensor, *, w: float) -> torch.Tensor:
     """w * x, w keyword-only."""
     return x * w
+
+
+@register("square_after_signal")
+def square_after_signal(x: torch.Tensor, path: str, seconds: float) -> torch.Tensor:
+    """x**2 after creating the file ``path`` (a test's readiness signal: the call is running) and sleeping ``seconds``."""
+    open(path, "x").close()  # noqa: SIM115
+    time.sleep(seconds)
+    return x * x

@@ -175,6 +175,11 @@ def decode_tensor(
     raw = next(payloads) if payloads is not None else None
     got = len(msg.data) + (raw.numel() if raw is not None else 0)
     if got != nbytes:
+        if msg.HasField("shared_memory"):
+            raise CodecError(
+                f"{what}: a shared-memory reference is accepted only in a unary call of a client whose "
+                "SharedMemoryProbe succeeded (request metadata gradserve-shared-memory-reply-bytes)"
+            )
         raise CodecError(
             f"{what}: {dtype_name(dtype)} tensor of shape {_shape_text(shape)} needs {nbytes} bytes of data, got {got}"
         )

@@ -48,16 +48,28 @@ DTYPE_FLOAT8_E4M3FN: DType
 DTYPE_FLOAT8_E5M2: DType
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "requires_grad")
+    __slots__ = ("dtype", "shape", "data", "requires_grad", "shared_memory")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     REQUIRES_GRAD_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     requires_grad: bool
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., requires_grad: _Optional[bool] = ...) -> None: ...
+    shared_memory: SharedMemoryRef
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., requires_grad: _Optional[bool] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryRef(_message.Message):
+    __slots__ = ("name", "offset", "byte_size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    offset: int
+    byte_size: int
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
 
 class SparseTensor(_message.Message):
     __slots__ = ("shape", "indices", "values", "requires_grad")
@@ -260,6 +272,20 @@ class ForwardBackwardResponse(_message.Message):
     returns_tuple: bool
     grads: _containers.RepeatedCompositeFieldContainer[MaybeTensor]
     def __init__(self, outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., returns_tuple: _Optional[bool] = ..., grads: _Optional[_Iterable[_Union[MaybeTensor, _Mapping]]] = ...) -> None: ...
+
+class SharedMemoryProbeRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class SharedMemoryProbeResponse(_message.Message):
+    __slots__ = ("nonce", "segment")
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    segment: SharedMemoryRef
+    def __init__(self, nonce: _Optional[bytes] = ..., segment: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
     __slots__ = ("forward", "backward", "forward_backward", "data")

@@ -65,6 +65,11 @@ class GradientServiceStub:
                 request_serializer=gradserve_dot_v1_dot_gradserve__pb2.ForwardBackwardRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ForwardBackwardResponse.FromString,
                 _registered_method=True)
+        self.SharedMemoryProbe = channel.unary_unary(
+                '/gradserve.v1.GradientService/SharedMemoryProbe',
+                request_serializer=gradserve_dot_v1_dot_gradserve__pb2.SharedMemoryProbeRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.SharedMemoryProbeResponse.FromString,
+                _registered_method=True)
 
 
 class GradientServiceServicer:
@@ -166,6 +171,33 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SharedMemoryProbe(self, request, context):
+        """Proves that caller and server share a host, a /dev/shm and a user, so tensors
+        may travel through POSIX shared memory (Tensor.shared_memory): the caller
+        names a segment it created holding a random nonce; the server reads the nonce
+        back (from a segment of its own user only) and answers with a segment of its
+        own holding a session token, which only a process of that user can read. Calls
+        through shared memory carry the token (metadata
+        "gradserve-shared-memory-token"), so a process of another user that learns
+        segment names from the /dev/shm listing cannot have them read. Nothing is
+        kept: the token is checked against a key of the server process.
+        Status codes:
+        OK                  both directions work: the caller checks `nonce`, reads
+        the token from `segment` and unlinks it;
+        FAILED_PRECONDITION shared memory is off on this server (reason
+        SHARED_MEMORY_DISABLED), or the segment does not exist
+        here: another host or another /dev/shm (reason
+        SHARED_MEMORY_UNAVAILABLE);
+        PERMISSION_DENIED   the segment belongs to another user, or others may open
+        it (reason SHARED_MEMORY_NOT_OWNED);
+        INVALID_ARGUMENT    the name is not a gradserve segment name, or the
+        segment is larger than a probe's 64 bytes;
+        UNIMPLEMENTED       a server older than this RPC: use the network.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GradientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +230,11 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.ForwardBackward,
                     request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ForwardBackwardRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_gradserve__pb2.ForwardBackwardResponse.SerializeToString,
+            ),
+            'SharedMemoryProbe': grpc.unary_unary_rpc_method_handler(
+                    servicer.SharedMemoryProbe,
+                    request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.SharedMemoryProbeRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradserve__pb2.SharedMemoryProbeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -363,6 +400,33 @@ class GradientService:
             '/gradserve.v1.GradientService/ForwardBackward',
             gradserve_dot_v1_dot_gradserve__pb2.ForwardBackwardRequest.SerializeToString,
             gradserve_dot_v1_dot_gradserve__pb2.ForwardBackwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SharedMemoryProbe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/SharedMemoryProbe',
+            gradserve_dot_v1_dot_gradserve__pb2.SharedMemoryProbeRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradserve__pb2.SharedMemoryProbeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -118,6 +118,29 @@ class GradientServiceStub:
     """Forward and backward in one round trip; keeps no state on the server.
     Status codes: those of Forward and Backward, except HANDLE_NOT_FOUND.
     """
+    SharedMemoryProbe: _grpc.UnaryUnaryMultiCallable[_gradserve_pb2.SharedMemoryProbeRequest, _gradserve_pb2.SharedMemoryProbeResponse]
+    """Proves that caller and server share a host, a /dev/shm and a user, so tensors
+    may travel through POSIX shared memory (Tensor.shared_memory): the caller
+    names a segment it created holding a random nonce; the server reads the nonce
+    back (from a segment of its own user only) and answers with a segment of its
+    own holding a session token, which only a process of that user can read. Calls
+    through shared memory carry the token (metadata
+    "gradserve-shared-memory-token"), so a process of another user that learns
+    segment names from the /dev/shm listing cannot have them read. Nothing is
+    kept: the token is checked against a key of the server process.
+    Status codes:
+      OK                  both directions work: the caller checks `nonce`, reads
+                          the token from `segment` and unlinks it;
+      FAILED_PRECONDITION shared memory is off on this server (reason
+                          SHARED_MEMORY_DISABLED), or the segment does not exist
+                          here: another host or another /dev/shm (reason
+                          SHARED_MEMORY_UNAVAILABLE);
+      PERMISSION_DENIED   the segment belongs to another user, or others may open
+                          it (reason SHARED_MEMORY_NOT_OWNED);
+      INVALID_ARGUMENT    the name is not a gradserve segment name, or the
+                          segment is larger than a probe's 64 bytes;
+      UNIMPLEMENTED       a server older than this RPC: use the network.
+    """
 
 @_typing.type_check_only
 class GradientServiceAsyncStub(GradientServiceStub):
@@ -194,6 +217,29 @@ class GradientServiceAsyncStub(GradientServiceStub):
     ForwardBackward: _aio.UnaryUnaryMultiCallable[_gradserve_pb2.ForwardBackwardRequest, _gradserve_pb2.ForwardBackwardResponse]  # type: ignore[assignment]
     """Forward and backward in one round trip; keeps no state on the server.
     Status codes: those of Forward and Backward, except HANDLE_NOT_FOUND.
+    """
+    SharedMemoryProbe: _aio.UnaryUnaryMultiCallable[_gradserve_pb2.SharedMemoryProbeRequest, _gradserve_pb2.SharedMemoryProbeResponse]  # type: ignore[assignment]
+    """Proves that caller and server share a host, a /dev/shm and a user, so tensors
+    may travel through POSIX shared memory (Tensor.shared_memory): the caller
+    names a segment it created holding a random nonce; the server reads the nonce
+    back (from a segment of its own user only) and answers with a segment of its
+    own holding a session token, which only a process of that user can read. Calls
+    through shared memory carry the token (metadata
+    "gradserve-shared-memory-token"), so a process of another user that learns
+    segment names from the /dev/shm listing cannot have them read. Nothing is
+    kept: the token is checked against a key of the server process.
+    Status codes:
+      OK                  both directions work: the caller checks `nonce`, reads
+                          the token from `segment` and unlinks it;
+      FAILED_PRECONDITION shared memory is off on this server (reason
+                          SHARED_MEMORY_DISABLED), or the segment does not exist
+                          here: another host or another /dev/shm (reason
+                          SHARED_MEMORY_UNAVAILABLE);
+      PERMISSION_DENIED   the segment belongs to another user, or others may open
+                          it (reason SHARED_MEMORY_NOT_OWNED);
+      INVALID_ARGUMENT    the name is not a gradserve segment name, or the
+                          segment is larger than a probe's 64 bytes;
+      UNIMPLEMENTED       a server older than this RPC: use the network.
     """
 
 class GradientServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -304,6 +350,35 @@ class GradientServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_gradserve_pb2.ForwardBackwardResponse, _abc.Awaitable[_gradserve_pb2.ForwardBackwardResponse]]:
         """Forward and backward in one round trip; keeps no state on the server.
         Status codes: those of Forward and Backward, except HANDLE_NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def SharedMemoryProbe(
+        self,
+        request: _gradserve_pb2.SharedMemoryProbeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gradserve_pb2.SharedMemoryProbeResponse, _abc.Awaitable[_gradserve_pb2.SharedMemoryProbeResponse]]:
+        """Proves that caller and server share a host, a /dev/shm and a user, so tensors
+        may travel through POSIX shared memory (Tensor.shared_memory): the caller
+        names a segment it created holding a random nonce; the server reads the nonce
+        back (from a segment of its own user only) and answers with a segment of its
+        own holding a session token, which only a process of that user can read. Calls
+        through shared memory carry the token (metadata
+        "gradserve-shared-memory-token"), so a process of another user that learns
+        segment names from the /dev/shm listing cannot have them read. Nothing is
+        kept: the token is checked against a key of the server process.
+        Status codes:
+          OK                  both directions work: the caller checks `nonce`, reads
+                              the token from `segment` and unlinks it;
+          FAILED_PRECONDITION shared memory is off on this server (reason
+                              SHARED_MEMORY_DISABLED), or the segment does not exist
+                              here: another host or another /dev/shm (reason
+                              SHARED_MEMORY_UNAVAILABLE);
+          PERMISSION_DENIED   the segment belongs to another user, or others may open
+                              it (reason SHARED_MEMORY_NOT_OWNED);
+          INVALID_ARGUMENT    the name is not a gradserve segment name, or the
+                              segment is larger than a probe's 64 bytes;
+          UNIMPLEMENTED       a server older than this RPC: use the network.
         """
 
 def add_GradientServiceServicer_to_server(servicer: GradientServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -96,7 +96,7 @@ class Assembler:
         self.what = what
         self.sizes: list[int] = []
         for i, slot in enumerate(tensor_slots(header)):
-            if slot.data:
+            if slot.data or slot.HasField("shared_memory"):
                 raise codec.CodecError(f"{what}: streamed tensor {i} carries data in the header; send it in data chunks")
             nbytes = codec.tensor_nbytes(slot, what=f"{what} streamed tensor {i}")
             if max_tensor_bytes is not None and nbytes > max_tensor_bytes:
