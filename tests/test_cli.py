@@ -138,6 +138,49 @@ def test_serve_check_withholds_failing_functions_only() -> None:
         assert "[unavailable: failed gradcheck" in listed.stdout
 
 
+def test_every_check_result_decides_what_is_served() -> None:
+    """serve --check (in process): each way a check fails withholds the Function; passing and skipped ones are served."""
+    import gradserve_broken_functions as broken
+    import gradserve_test_functions as tf
+
+    from gradserve.server import Registry, ServerConfig, create_server, examples
+
+    reg = Registry()
+    reg.add(examples.Square, name="square", uses_rng=False, double_backward=True, supports_complex=True)
+    reg.add(examples.StraightThroughSign, name="straight_through_sign", uses_rng=False, gradcheck=False, skip_reason="STE")
+    reg.add(broken.WrongCube, name="wrong_cube", sample_inputs=broken._x2)  # first order fails
+    reg.add(  # first order passes, gradgradcheck fails
+        broken.CtxAttributeSquare,
+        name="ctx_attribute_square",
+        double_backward=True,
+        sample_inputs=lambda: (torch.tensor([1.0], dtype=torch.float64, requires_grad=True),),
+    )
+    reg.add(tf.deterministic_liar, name="deterministic_liar", uses_rng=False)  # breaks its RNG promise
+    reg.add(  # right for real inputs, wrong for complex ones
+        broken.UnconjugatedSquare,
+        name="unconjugated_square",
+        double_backward=True,
+        supports_complex=True,
+        sample_inputs=lambda: (torch.tensor([1.0], dtype=torch.float64, requires_grad=True),),
+    )
+    running = create_server(ServerConfig(port=0, device="cpu", check=True), reg)
+    try:
+        with GradientClient(f"127.0.0.1:{running.port}", timeout=30) as client:
+            reasons = {f.name: f.unavailable_reason for f in client.list_functions()}
+            assert client.forward("square", torch.tensor([3.0])).tolist() == [9.0]
+    finally:
+        running.stop(0)
+    assert (reasons["square"], reasons["straight_through_sign"]) == ("", "")
+    prefix = "failed gradcheck at start-up: "
+    assert reasons["wrong_cube"].startswith(prefix + "first order (float64): Jacobian mismatch")
+    assert reasons["ctx_attribute_square"].startswith(prefix + "second order (float64): Jacobian mismatch")
+    assert reasons["deterministic_liar"] == (
+        prefix + "declared uses_rng=False, but its forward drew random numbers: register it without uses_rng=False"
+    )
+    assert reasons["unconjugated_square"].startswith(prefix + "first order (complex128): ")
+    assert "float64" not in reasons["unconjugated_square"]  # real inputs pass
+
+
 def test_health_command(proc: ServerProcess) -> None:
     ok = cli("health", "--target", proc.target)
     assert ok.returncode == 0 and "SERVING" in ok.stdout
