@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
+from conftest import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -211,9 +213,7 @@ def test_function_failures_name_the_function(stub: pb_grpc.GradientServiceStub) 
         "argument 0",
         "got shape [2, 5], expected [2, 3]",
     )
-    fails(
-        stub.ForwardBackward, fb_request("bad_grad_dtype", leaf(2)), FAILED, "argument 0", "got dtype int64, expected float32"
-    )
+    fails(stub.ForwardBackward, fb_request("bad_grad_dtype", leaf(2)), FAILED, "argument 0", "got dtype int64, expected float32")
     fails(
         stub.ForwardBackward,
         fb_request("grad_for_scalar", leaf(2), 2.0),
@@ -254,33 +254,56 @@ def test_out_of_memory_is_resource_exhausted_and_recovers(stub: pb_grpc.Gradient
 # -- deadlines, cancellation --------------------------------------------------------------
 
 
-def test_deadline_abandons_the_work_and_keeps_no_handle(small_server: RunningServer, stub: pb_grpc.GradientServiceStub) -> None:
+@pytest.fixture
+def own_server() -> Iterator[RunningServer]:
+    """A server of the test's own: its handle count and metrics start from zero whatever ran before."""
+    running = create_server(ServerConfig(port=0, device="cpu"), registry)
+    yield running
+    running.stop(0)
+
+
+def calls(server: RunningServer, function: str, code: str) -> float:
+    """gradserve_requests_total for Forward calls of ``function`` that ended with ``code``."""
+    labels = {"function": function, "method": "Forward", "code": code}
+    return server.metrics.registry.get_sample_value("gradserve_requests_total", labels) or 0.0
+
+
+def test_deadline_abandons_the_work_and_keeps_no_handle(own_server: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
     request = pb.ForwardRequest(
         function="slow_square",
-        args=[codec.encode_value(torch.ones(2, requires_grad=True)), codec.encode_value(2.0)],
+        args=[codec.encode_value(torch.ones(2, requires_grad=True)), codec.encode_value(1.5)],
         keep_graph=True,
     )
-    start = time.monotonic()
-    fails(stub.Forward, request, grpc.StatusCode.DEADLINE_EXCEEDED, timeout=1)
-    assert time.monotonic() - start < 1.9
-    still_serves(stub)
-    # The server finishes the sleep (Python cannot interrupt it), sees the caller gone and keeps nothing.
-    time.sleep(1.2)
-    assert len(small_server.runtime.handles) == 0
+    with grpc.insecure_channel(f"127.0.0.1:{own_server.port}") as channel, caplog.at_level(logging.INFO, "gradserve.calls"):
+        stub = pb_grpc.GradientServiceStub(channel)
+        start = time.monotonic()
+        fails(stub.Forward, request, grpc.StatusCode.DEADLINE_EXCEEDED, timeout=1)
+        assert time.monotonic() - start < 1.4  # the caller is not kept waiting for the work
+        still_serves(stub)
+        # The server finishes the sleep (Python cannot interrupt it), sees the deadline passed and keeps nothing;
+        # metrics and log say DEADLINE_EXCEEDED (the caller's deadline), not CANCELLED.
+        assert wait_until(lambda: calls(own_server, "slow_square", "DEADLINE_EXCEEDED") == 1, timeout_s=10)
+    assert calls(own_server, "slow_square", "CANCELLED") == 0
+    assert len(own_server.runtime.handles) == 0
+    lines = [r for r in caplog.records if r.name == "gradserve.calls" and getattr(r, "function", "") == "slow_square"]
+    assert [r.code for r in lines] == ["DEADLINE_EXCEEDED"]
+    assert "function=slow_square code=DEADLINE_EXCEEDED" in lines[0].getMessage()
 
 
-def test_cancelled_call_keeps_no_handle(small_server: RunningServer, stub: pb_grpc.GradientServiceStub) -> None:
+def test_cancelled_call_keeps_no_handle(own_server: RunningServer) -> None:
     request = pb.ForwardRequest(
         function="slow_square",
         args=[codec.encode_value(torch.ones(2, requires_grad=True)), codec.encode_value(0.5)],
         keep_graph=True,
     )
-    future = stub.Forward.future(request, timeout=10)
-    time.sleep(0.1)
-    future.cancel()
-    time.sleep(0.7)
-    assert len(small_server.runtime.handles) == 0
-    still_serves(stub)
+    with grpc.insecure_channel(f"127.0.0.1:{own_server.port}") as channel:
+        stub = pb_grpc.GradientServiceStub(channel)
+        future = stub.Forward.future(request, timeout=10)
+        assert wait_until(lambda: own_server.metrics.registry.get_sample_value("gradserve_calls_in_flight") == 1, timeout_s=10)
+        future.cancel()
+        assert wait_until(lambda: calls(own_server, "slow_square", "CANCELLED") == 1, timeout_s=10)
+        assert len(own_server.runtime.handles) == 0
+        still_serves(stub)
 
 
 def test_client_sdk_maps_handle_loss_to_recompute(small_server: RunningServer) -> None:
