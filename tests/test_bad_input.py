@@ -14,6 +14,7 @@ import torch
 from conftest import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from wire_table import BY_NUMBER, WIRE_DTYPES
 
 from gradserve.client import GradientClient, HandleNotFoundError
 from gradserve.client._core import Plan
@@ -314,19 +315,21 @@ def test_client_sdk_maps_handle_loss_to_recompute(small_server: RunningServer) -
 
 # -- fuzz ------------------------------------------------------------------------------------
 
-DTYPE_NUMBERS = st.integers(-1, 14)
+DTYPE_NUMBERS = st.integers(-1, 19)
 SHAPES = st.lists(st.one_of(st.integers(-3, 6), st.sampled_from([2**31, 2**40, 2**62])), max_size=4)
 
 
 def is_well_formed(dtype: int, shape: list[int], data: bytes) -> bool:
-    if dtype not in codec.WIRE_TO_DTYPE or any(d < 0 for d in shape):
+    """The oracle, from the hand-written table in tests/wire_table.py (never the codec's own)."""
+    if dtype not in BY_NUMBER or any(d < 0 for d in shape):
         return False
-    if math.prod(max(d, 1) for d in shape) * codec.WIRE_TO_DTYPE[dtype].itemsize >= 2**63:
+    itemsize = BY_NUMBER[dtype].itemsize
+    if math.prod(max(d, 1) for d in shape) * itemsize >= 2**63:
         return False  # strides overflow even when a zero dimension makes it empty
-    nbytes = math.prod(shape) * codec.WIRE_TO_DTYPE[dtype].itemsize
+    nbytes = math.prod(shape) * itemsize
     if nbytes > MiB or len(data) != nbytes:
         return False
-    return dtype != pb.DTYPE_BOOL or all(b <= 1 for b in data)
+    return dtype != WIRE_DTYPES["DTYPE_BOOL"].number or all(b <= 1 for b in data)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -334,15 +337,13 @@ def is_well_formed(dtype: int, shape: list[int], data: bytes) -> bool:
 def test_fuzz_request_path(
     stub: pb_grpc.GradientServiceStub, dtype: int, shape: list[int], data: bytes, exact: bool, requires_grad: bool
 ) -> None:
-    if exact and dtype in codec.WIRE_TO_DTYPE and all(0 <= d <= 6 for d in shape):
+    if exact and dtype in BY_NUMBER and all(0 <= d <= 6 for d in shape):
         # Often send the right byte count, so well-formed tensors are fuzzed too.
-        data = (data * 100)[: math.prod(shape) * codec.WIRE_TO_DTYPE[dtype].itemsize]
-        if dtype == pb.DTYPE_BOOL:
+        data = (data * 100)[: math.prod(shape) * BY_NUMBER[dtype].itemsize]
+        if dtype == WIRE_DTYPES["DTYPE_BOOL"].number:
             data = bytes(b & 1 for b in data)
     msg = pb.Value(tensor=pb.Tensor(dtype=dtype, shape=shape, data=data, requires_grad=requires_grad))
-    well_formed = is_well_formed(dtype, shape, data) and (
-        not requires_grad or codec.WIRE_TO_DTYPE[dtype].is_floating_point or codec.WIRE_TO_DTYPE[dtype].is_complex
-    )
+    well_formed = is_well_formed(dtype, shape, data) and (not requires_grad or BY_NUMBER[dtype].differentiable)
     try:
         stub.ForwardBackward(pb.ForwardBackwardRequest(function="identity", args=[msg]), timeout=10)
         assert well_formed, "a malformed tensor was accepted"
