@@ -242,6 +242,15 @@ def test_check_finite_reports_nan(stub: pb_grpc.GradientServiceStub) -> None:
     still_serves(stub)
 
 
+@pytest.mark.parametrize(("dtype", "finite", "nan"), [(pb.DTYPE_FLOAT8_E4M3FN, 0x38, 0x7F), (pb.DTYPE_FLOAT8_E5M2, 0x3C, 0x7E)])
+def test_check_finite_handles_float8(stub: pb_grpc.GradientServiceStub, dtype: int, finite: int, nan: int) -> None:
+    """torch has no isfinite for float8: --check-finite must still answer (was INTERNAL), 1.0 passes, NaN is refused."""
+    ok = stub.Forward(pb.ForwardRequest(function="identity", args=[tensor(dtype, (2,), bytes([finite, finite]))]), timeout=10)
+    assert ok.outputs[0].data == bytes([finite, finite])
+    request = pb.ForwardRequest(function="identity", args=[tensor(dtype, (2,), bytes([finite, nan]))])
+    fails(stub.Forward, request, FAILED, "identity output 0 holds 1 NaN or Inf value(s) of 2", reason="NON_FINITE")
+
+
 def test_out_of_memory_is_resource_exhausted_and_recovers(stub: pb_grpc.GradientServiceStub) -> None:
     fails(
         stub.Forward,
