@@ -39,6 +39,18 @@ def test_seed_values(runtime: Runtime) -> None:
     assert [result.outputs[0].item(), grads[0].item(), grads[1].item()] == [17.0, 12.0, 6.0]
 
 
+def test_each_output_gets_its_own_cotangent(runtime: Runtime) -> None:
+    """two_outputs: x -> (2x, x + 1), so the gradient is 2 * g1 + g2, by handle, recomputed and in one call."""
+    x = [leaf([1.0, 2.0])]
+    g1, g2 = torch.tensor([1.0, 10.0]), torch.tensor([100.0, 1000.0])
+    want = [102.0, 1020.0]
+    handle = runtime.forward("two_outputs", x, keep_graph=True).handle
+    assert runtime.backward("two_outputs", handle=handle, grad_outputs=[g1, g2]).grads[0].tolist() == want
+    assert runtime.backward("two_outputs", args=x, grad_outputs=[g1, g2]).grads[0].tolist() == want
+    assert runtime.forward_backward("two_outputs", x, [g1, g2])[1][0].tolist() == want
+    assert runtime.backward("two_outputs", args=x, grad_outputs=[None, g2]).grads[0].tolist() == [100.0, 1000.0]
+
+
 def test_handle_and_recompute_give_identical_gradients(runtime: Runtime) -> None:
     g = torch.Generator().manual_seed(1)
     args = [
