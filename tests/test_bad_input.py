@@ -288,7 +288,7 @@ def test_deadline_abandons_the_work_and_keeps_no_handle(own_server: RunningServe
         stub = pb_grpc.GradientServiceStub(channel)
         start = time.monotonic()
         fails(stub.Forward, request, grpc.StatusCode.DEADLINE_EXCEEDED, timeout=1)
-        assert time.monotonic() - start < 1.4  # the caller is not kept waiting for the work
+        assert time.monotonic() - start < 1.9  # the caller is not kept waiting for the work
         still_serves(stub)
         # The server finishes the sleep (Python cannot interrupt it), sees the deadline passed and keeps nothing;
         # metrics and log say DEADLINE_EXCEEDED (the caller's deadline), not CANCELLED.
