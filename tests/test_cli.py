@@ -7,11 +7,10 @@ import signal
 import subprocess
 import sys
 import threading
-import urllib.request
 
 import pytest
 import torch
-from conftest import TESTS, ServerProcess, free_port, wait_until
+from conftest import TESTS, ServerProcess, free_port, metric_value, wait_until
 
 from gradserve.client import FunctionFailedError, GradientClient, UnavailableError
 
@@ -65,16 +64,6 @@ def test_bad_functions_module_stops_startup_with_one_line() -> None:
     assert "Traceback" not in result.stderr
 
 
-def calls_in_flight(metrics_port: int) -> float:
-    """The server's gradserve_calls_in_flight gauge, scraped from its /metrics endpoint (-1 when unreachable)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as reply:
-            text = reply.read().decode()
-    except OSError:
-        return -1.0
-    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith("gradserve_calls_in_flight "))
-
-
 def test_sigterm_drains_in_flight_calls() -> None:
     metrics_port = free_port()
     with ServerProcess(
@@ -84,7 +73,9 @@ def test_sigterm_drains_in_flight_calls() -> None:
         with GradientClient(p.target, timeout=30) as client:
             call = threading.Thread(target=lambda: results.append(client.forward("slow_square", torch.tensor([3.0]), 1.5)))
             call.start()
-            assert wait_until(lambda: calls_in_flight(metrics_port) == 1, timeout_s=20)  # the call is being served
+            assert wait_until(
+                lambda: metric_value(metrics_port, "gradserve_calls_in_flight") == 1, timeout_s=20
+            )  # the call is being served
             p.proc.send_signal(signal.SIGTERM)
             call.join(timeout=30)
             assert p.proc.wait(timeout=30) == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import time
 from pathlib import Path
 
 import pytest
@@ -89,8 +88,10 @@ def test_handle_store_evicts_least_recently_used_and_expires() -> None:
         rt.backward("square", handle=h1)
     assert rt.backward("square", handle=h3).grads[0].tolist() == [2.0]
     short = Runtime(registry, "cpu", handle_ttl_s=0.05)
+    now = [100.0]
+    short.handles.clock = lambda: now[0]  # an injected clock: no sleep
     h = short.forward("square", [leaf([1.0])], keep_graph=True).handle
-    time.sleep(0.1)
+    now[0] += 0.05
     with pytest.raises(HandleNotFound):
         short.backward("square", handle=h)
 
