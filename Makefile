@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)  ## start a server, run the seed examples and the digits example, stop the server
 	$(PY) scripts/demo.py
 
+# Two workers, each taking a whole file at a time (--dist loadfile): a file's module
+# fixtures (servers) start once, and its timing-sensitive tests never run beside each
+# other. Most of the suite waits on servers, so two workers overlap those waits.
 test: $(STAMP)  ## the whole suite
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # Root, Debian 12, with podman runc debootstrap docker-compose netavark aardvark-dns iptables
 # catatonit (.ci/run installs them). Caches the base image and wheelhouse in

@@ -7,7 +7,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,13 +59,17 @@ class HandleStore:
         Most bytes kept (sum of ``Graph.nbytes``); beyond it the least recently used
         graphs are evicted. A single graph over the cap is not kept at all.
     ttl_s
-        Seconds a graph lives without a backward.
+        Seconds a graph lives without a backward: a graph kept at time t is gone from
+        t + ttl_s on (alive at any earlier instant).
+    clock
+        Seconds from a monotonic clock; :func:`time.monotonic` unless a test injects (or sets ``clock`` to) another.
     """
 
-    def __init__(self, max_handles: int, max_bytes: int, ttl_s: float) -> None:
+    def __init__(self, max_handles: int, max_bytes: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_handles = max_handles
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
+        self.clock = clock
         self.evictions = 0  # evicted for count or bytes, or expired
         self._graphs: OrderedDict[str, Graph] = OrderedDict()
         self._bytes = 0
@@ -94,7 +98,7 @@ class HandleStore:
             return None
         handle = handle or self.new_handle()
         graph.owner = owner
-        graph.expires_at = time.monotonic() + self.ttl_s
+        graph.expires_at = self.clock() + self.ttl_s
         with self._lock:
             self._expire_locked()
             self._graphs[handle] = graph
@@ -155,7 +159,7 @@ class HandleStore:
         return self.stats()[0]
 
     def _expire_locked(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         expired = [h for h, g in self._graphs.items() if g.expires_at <= now]
         for h in expired:
             self._bytes -= self._graphs.pop(h).nbytes

@@ -53,21 +53,23 @@ EXIT_FORCED = 3
 """The grace period ran out with calls still running: the process exited without waiting for them."""
 
 
-def cpu_quota() -> int:
+def cpu_quota(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     """CPUs this process may use: the cgroup CPU quota (v2 or v1) and the affinity mask, at least 1.
 
     A container limited to 2 CPUs on a 64-core host gets 2, so torch does not start 64
-    intra-op threads that fight over 2 CPUs.
+    intra-op threads that fight over 2 CPUs. ``cgroup_root`` is where the cgroup
+    filesystem is mounted (v2: ``cpu.max``; v1: ``cpu/cpu.cfs_quota_us`` and
+    ``cpu/cpu.cfs_period_us``); unreadable or malformed files are ignored.
     """
     limits = [len(os.sched_getaffinity(0))] if hasattr(os, "sched_getaffinity") else [os.cpu_count() or 1]
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]
         if quota != "max":
             limits.append(math.ceil(int(quota) / int(period)))
     except (OSError, ValueError):
         try:
-            quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-            period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            quota_us = int((cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text())
+            period_us = int((cgroup_root / "cpu" / "cpu.cfs_period_us").read_text())
             if quota_us > 0:
                 limits.append(math.ceil(quota_us / period_us))
         except (OSError, ValueError):

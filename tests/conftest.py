@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,3 +101,14 @@ def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.01) -> 
             return True
         time.sleep(interval_s)
     return bool(predicate())
+
+
+def metric_value(metrics_port: int, name: str) -> float | None:
+    """A sample's value scraped from a server's /metrics endpoint (``name`` with its labels, if any);
+    None when the endpoint does not answer yet or has no such sample."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return None
+    return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.rsplit(" ", 1)[0] == name), None)

@@ -87,3 +87,23 @@ class GradForScalar(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return g * ctx.k, g.sum()
+
+
+@register(
+    "unconjugated_square",
+    double_backward=True,
+    supports_complex=True,
+    sample_inputs=lambda: (torch.tensor([1.0], dtype=torch.float64, requires_grad=True),),
+)
+class UnconjugatedSquare(torch.autograd.Function):
+    """x² whose backward forgets the conjugate (g * 2x, not g * conj(2x)): right for real x, wrong for complex x."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return g * 2 * x

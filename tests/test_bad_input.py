@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -10,8 +11,10 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
+from conftest import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from wire_table import BY_NUMBER, WIRE_DTYPES
 
 from gradserve.client import GradientClient, HandleNotFoundError
 from gradserve.client._core import Plan
@@ -211,9 +214,7 @@ def test_function_failures_name_the_function(stub: pb_grpc.GradientServiceStub) 
         "argument 0",
         "got shape [2, 5], expected [2, 3]",
     )
-    fails(
-        stub.ForwardBackward, fb_request("bad_grad_dtype", leaf(2)), FAILED, "argument 0", "got dtype int64, expected float32"
-    )
+    fails(stub.ForwardBackward, fb_request("bad_grad_dtype", leaf(2)), FAILED, "argument 0", "got dtype int64, expected float32")
     fails(
         stub.ForwardBackward,
         fb_request("grad_for_scalar", leaf(2), 2.0),
@@ -241,6 +242,15 @@ def test_check_finite_reports_nan(stub: pb_grpc.GradientServiceStub) -> None:
     still_serves(stub)
 
 
+@pytest.mark.parametrize(("dtype", "finite", "nan"), [(pb.DTYPE_FLOAT8_E4M3FN, 0x38, 0x7F), (pb.DTYPE_FLOAT8_E5M2, 0x3C, 0x7E)])
+def test_check_finite_handles_float8(stub: pb_grpc.GradientServiceStub, dtype: int, finite: int, nan: int) -> None:
+    """torch has no isfinite for float8: --check-finite must still answer (was INTERNAL), 1.0 passes, NaN is refused."""
+    ok = stub.Forward(pb.ForwardRequest(function="identity", args=[tensor(dtype, (2,), bytes([finite, finite]))]), timeout=10)
+    assert ok.outputs[0].data == bytes([finite, finite])
+    request = pb.ForwardRequest(function="identity", args=[tensor(dtype, (2,), bytes([finite, nan]))])
+    fails(stub.Forward, request, FAILED, "identity output 0 holds 1 NaN or Inf value(s) of 2", reason="NON_FINITE")
+
+
 def test_out_of_memory_is_resource_exhausted_and_recovers(stub: pb_grpc.GradientServiceStub) -> None:
     fails(
         stub.Forward,
@@ -254,33 +264,56 @@ def test_out_of_memory_is_resource_exhausted_and_recovers(stub: pb_grpc.Gradient
 # -- deadlines, cancellation --------------------------------------------------------------
 
 
-def test_deadline_abandons_the_work_and_keeps_no_handle(small_server: RunningServer, stub: pb_grpc.GradientServiceStub) -> None:
+@pytest.fixture
+def own_server() -> Iterator[RunningServer]:
+    """A server of the test's own: its handle count and metrics start from zero whatever ran before."""
+    running = create_server(ServerConfig(port=0, device="cpu"), registry)
+    yield running
+    running.stop(0)
+
+
+def calls(server: RunningServer, function: str, code: str) -> float:
+    """gradserve_requests_total for Forward calls of ``function`` that ended with ``code``."""
+    labels = {"function": function, "method": "Forward", "code": code}
+    return server.metrics.registry.get_sample_value("gradserve_requests_total", labels) or 0.0
+
+
+def test_deadline_abandons_the_work_and_keeps_no_handle(own_server: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
     request = pb.ForwardRequest(
         function="slow_square",
-        args=[codec.encode_value(torch.ones(2, requires_grad=True)), codec.encode_value(2.0)],
+        args=[codec.encode_value(torch.ones(2, requires_grad=True)), codec.encode_value(1.5)],
         keep_graph=True,
     )
-    start = time.monotonic()
-    fails(stub.Forward, request, grpc.StatusCode.DEADLINE_EXCEEDED, timeout=1)
-    assert time.monotonic() - start < 1.9
-    still_serves(stub)
-    # The server finishes the sleep (Python cannot interrupt it), sees the caller gone and keeps nothing.
-    time.sleep(1.2)
-    assert len(small_server.runtime.handles) == 0
+    with grpc.insecure_channel(f"127.0.0.1:{own_server.port}") as channel, caplog.at_level(logging.INFO, "gradserve.calls"):
+        stub = pb_grpc.GradientServiceStub(channel)
+        start = time.monotonic()
+        fails(stub.Forward, request, grpc.StatusCode.DEADLINE_EXCEEDED, timeout=1)
+        assert time.monotonic() - start < 1.9  # the caller is not kept waiting for the work
+        still_serves(stub)
+        # The server finishes the sleep (Python cannot interrupt it), sees the deadline passed and keeps nothing;
+        # metrics and log say DEADLINE_EXCEEDED (the caller's deadline), not CANCELLED.
+        assert wait_until(lambda: calls(own_server, "slow_square", "DEADLINE_EXCEEDED") == 1, timeout_s=10)
+    assert calls(own_server, "slow_square", "CANCELLED") == 0
+    assert len(own_server.runtime.handles) == 0
+    lines = [r for r in caplog.records if r.name == "gradserve.calls" and getattr(r, "function", "") == "slow_square"]
+    assert [r.code for r in lines] == ["DEADLINE_EXCEEDED"]
+    assert "function=slow_square code=DEADLINE_EXCEEDED" in lines[0].getMessage()
 
 
-def test_cancelled_call_keeps_no_handle(small_server: RunningServer, stub: pb_grpc.GradientServiceStub) -> None:
+def test_cancelled_call_keeps_no_handle(own_server: RunningServer) -> None:
     request = pb.ForwardRequest(
         function="slow_square",
         args=[codec.encode_value(torch.ones(2, requires_grad=True)), codec.encode_value(0.5)],
         keep_graph=True,
     )
-    future = stub.Forward.future(request, timeout=10)
-    time.sleep(0.1)
-    future.cancel()
-    time.sleep(0.7)
-    assert len(small_server.runtime.handles) == 0
-    still_serves(stub)
+    with grpc.insecure_channel(f"127.0.0.1:{own_server.port}") as channel:
+        stub = pb_grpc.GradientServiceStub(channel)
+        future = stub.Forward.future(request, timeout=10)
+        assert wait_until(lambda: own_server.metrics.registry.get_sample_value("gradserve_calls_in_flight") == 1, timeout_s=10)
+        future.cancel()
+        assert wait_until(lambda: calls(own_server, "slow_square", "CANCELLED") == 1, timeout_s=10)
+        assert len(own_server.runtime.handles) == 0
+        still_serves(stub)
 
 
 def test_client_sdk_maps_handle_loss_to_recompute(small_server: RunningServer) -> None:
@@ -291,19 +324,21 @@ def test_client_sdk_maps_handle_loss_to_recompute(small_server: RunningServer) -
 
 # -- fuzz ------------------------------------------------------------------------------------
 
-DTYPE_NUMBERS = st.integers(-1, 14)
+DTYPE_NUMBERS = st.integers(-1, 19)
 SHAPES = st.lists(st.one_of(st.integers(-3, 6), st.sampled_from([2**31, 2**40, 2**62])), max_size=4)
 
 
 def is_well_formed(dtype: int, shape: list[int], data: bytes) -> bool:
-    if dtype not in codec.WIRE_TO_DTYPE or any(d < 0 for d in shape):
+    """The oracle, from the hand-written table in tests/wire_table.py (never the codec's own)."""
+    if dtype not in BY_NUMBER or any(d < 0 for d in shape):
         return False
-    if math.prod(max(d, 1) for d in shape) * codec.WIRE_TO_DTYPE[dtype].itemsize >= 2**63:
+    itemsize = BY_NUMBER[dtype].itemsize
+    if math.prod(max(d, 1) for d in shape) * itemsize >= 2**63:
         return False  # strides overflow even when a zero dimension makes it empty
-    nbytes = math.prod(shape) * codec.WIRE_TO_DTYPE[dtype].itemsize
+    nbytes = math.prod(shape) * itemsize
     if nbytes > MiB or len(data) != nbytes:
         return False
-    return dtype != pb.DTYPE_BOOL or all(b <= 1 for b in data)
+    return dtype != WIRE_DTYPES["DTYPE_BOOL"].number or all(b <= 1 for b in data)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -311,15 +346,13 @@ def is_well_formed(dtype: int, shape: list[int], data: bytes) -> bool:
 def test_fuzz_request_path(
     stub: pb_grpc.GradientServiceStub, dtype: int, shape: list[int], data: bytes, exact: bool, requires_grad: bool
 ) -> None:
-    if exact and dtype in codec.WIRE_TO_DTYPE and all(0 <= d <= 6 for d in shape):
+    if exact and dtype in BY_NUMBER and all(0 <= d <= 6 for d in shape):
         # Often send the right byte count, so well-formed tensors are fuzzed too.
-        data = (data * 100)[: math.prod(shape) * codec.WIRE_TO_DTYPE[dtype].itemsize]
-        if dtype == pb.DTYPE_BOOL:
+        data = (data * 100)[: math.prod(shape) * BY_NUMBER[dtype].itemsize]
+        if dtype == WIRE_DTYPES["DTYPE_BOOL"].number:
             data = bytes(b & 1 for b in data)
     msg = pb.Value(tensor=pb.Tensor(dtype=dtype, shape=shape, data=data, requires_grad=requires_grad))
-    well_formed = is_well_formed(dtype, shape, data) and (
-        not requires_grad or codec.WIRE_TO_DTYPE[dtype].is_floating_point or codec.WIRE_TO_DTYPE[dtype].is_complex
-    )
+    well_formed = is_well_formed(dtype, shape, data) and (not requires_grad or BY_NUMBER[dtype].differentiable)
     try:
         stub.ForwardBackward(pb.ForwardBackwardRequest(function="identity", args=[msg]), timeout=10)
         assert well_formed, "a malformed tensor was accepted"

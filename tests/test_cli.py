@@ -7,11 +7,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch
-from conftest import TESTS, ServerProcess, free_port, wait_until
+from conftest import TESTS, ServerProcess, free_port, metric_value, wait_until
 
 from gradserve.client import FunctionFailedError, GradientClient, UnavailableError
 
@@ -66,12 +65,17 @@ def test_bad_functions_module_stops_startup_with_one_line() -> None:
 
 
 def test_sigterm_drains_in_flight_calls() -> None:
-    with ServerProcess("--functions", "gradserve_test_functions", "--grace-period-s", "20") as p:
+    metrics_port = free_port()
+    with ServerProcess(
+        "--functions", "gradserve_test_functions", "--grace-period-s", "20", "--metrics-port", str(metrics_port)
+    ) as p:
         results: list[object] = []
         with GradientClient(p.target, timeout=30) as client:
             call = threading.Thread(target=lambda: results.append(client.forward("slow_square", torch.tensor([3.0]), 1.5)))
             call.start()
-            time.sleep(0.5)  # let the call reach the server; there is no hook to observe it sooner
+            assert wait_until(
+                lambda: metric_value(metrics_port, "gradserve_calls_in_flight") == 1, timeout_s=20
+            )  # the call is being served
             p.proc.send_signal(signal.SIGTERM)
             call.join(timeout=30)
             assert p.proc.wait(timeout=30) == 0
@@ -136,6 +140,49 @@ def test_serve_check_withholds_failing_functions_only() -> None:
             assert client.forward("square", torch.tensor([3.0])).tolist() == [9.0]
         listed = cli("list", "--target", p.target)
         assert "[unavailable: failed gradcheck" in listed.stdout
+
+
+def test_every_check_result_decides_what_is_served() -> None:
+    """serve --check (in process): each way a check fails withholds the Function; passing and skipped ones are served."""
+    import gradserve_broken_functions as broken
+    import gradserve_test_functions as tf
+
+    from gradserve.server import Registry, ServerConfig, create_server, examples
+
+    reg = Registry()
+    reg.add(examples.Square, name="square", uses_rng=False, double_backward=True, supports_complex=True)
+    reg.add(examples.StraightThroughSign, name="straight_through_sign", uses_rng=False, gradcheck=False, skip_reason="STE")
+    reg.add(broken.WrongCube, name="wrong_cube", sample_inputs=broken._x2)  # first order fails
+    reg.add(  # first order passes, gradgradcheck fails
+        broken.CtxAttributeSquare,
+        name="ctx_attribute_square",
+        double_backward=True,
+        sample_inputs=lambda: (torch.tensor([1.0], dtype=torch.float64, requires_grad=True),),
+    )
+    reg.add(tf.deterministic_liar, name="deterministic_liar", uses_rng=False)  # breaks its RNG promise
+    reg.add(  # right for real inputs, wrong for complex ones
+        broken.UnconjugatedSquare,
+        name="unconjugated_square",
+        double_backward=True,
+        supports_complex=True,
+        sample_inputs=lambda: (torch.tensor([1.0], dtype=torch.float64, requires_grad=True),),
+    )
+    running = create_server(ServerConfig(port=0, device="cpu", check=True), reg)
+    try:
+        with GradientClient(f"127.0.0.1:{running.port}", timeout=30) as client:
+            reasons = {f.name: f.unavailable_reason for f in client.list_functions()}
+            assert client.forward("square", torch.tensor([3.0])).tolist() == [9.0]
+    finally:
+        running.stop(0)
+    assert (reasons["square"], reasons["straight_through_sign"]) == ("", "")
+    prefix = "failed gradcheck at start-up: "
+    assert reasons["wrong_cube"].startswith(prefix + "first order (float64): Jacobian mismatch")
+    assert reasons["ctx_attribute_square"].startswith(prefix + "second order (float64): Jacobian mismatch")
+    assert reasons["deterministic_liar"] == (
+        prefix + "declared uses_rng=False, but its forward drew random numbers: register it without uses_rng=False"
+    )
+    assert reasons["unconjugated_square"].startswith(prefix + "first order (complex128): ")
+    assert "float64" not in reasons["unconjugated_square"]  # real inputs pass
 
 
 def test_health_command(proc: ServerProcess) -> None:

@@ -13,7 +13,8 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import ServerProcess
+from conftest import ServerProcess, wait_until
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.client import (
     ArgumentError,
@@ -110,8 +111,18 @@ def test_async_streamed_calls_to_a_loading_server_wait_and_succeed() -> None:
             return [float(r[0]) for r in replies]
 
     with ServerProcess(*LOADING, wait=False) as server:
-        time.sleep(1.0)  # bound and loading (the checks take seconds): the calls meet LOADING
+        assert wait_until(lambda: _loading(server.target), timeout_s=60)  # bound and loading: the calls meet LOADING
         assert asyncio.run(run(server.target)) == [9.0] * 20
+
+
+def _loading(target: str) -> bool:
+    """Whether the server is bound and still loading: health answers NOT_SERVING."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class _Malformed(pb_grpc.GradientServiceServicer):

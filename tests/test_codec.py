@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from wire_table import WIRE_DTYPES
 
 from gradserve.v1 import codec
 from gradserve.v1 import gradserve_pb2 as pb
@@ -99,9 +100,16 @@ def test_decoded_tensor_is_writable_and_owns_its_memory() -> None:
     assert codec.decode_tensor(msg).tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
-def test_every_proto_dtype_has_a_codec_entry() -> None:
-    declared = {v.number for v in pb.DType.DESCRIPTOR.values} - {pb.DTYPE_UNSPECIFIED}
-    assert declared == set(codec.WIRE_TO_DTYPE)
+def test_wire_dtypes_match_the_hand_written_table() -> None:
+    """The proto's enum numbers, the codec's dtypes and item sizes against tests/wire_table.py (from docs/protocol.md)."""
+    declared = {v.name: v.number for v in pb.DType.DESCRIPTOR.values if v.number != pb.DTYPE_UNSPECIFIED}
+    assert declared == {name: w.number for name, w in WIRE_DTYPES.items()}
+    assert codec.WIRE_TO_DTYPE == {w.number: w.dtype for w in WIRE_DTYPES.values()}
+    for w in WIRE_DTYPES.values():
+        shape = [3, 2]
+        msg = codec.encode_tensor(torch.zeros(shape, dtype=w.dtype))
+        assert (msg.dtype, len(msg.data)) == (w.number, 6 * w.itemsize)
+        assert codec.tensor_nbytes(pb.Tensor(dtype=w.number, shape=shape)) == 6 * w.itemsize
 
 
 @pytest.mark.parametrize(

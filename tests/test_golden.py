@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from wire_table import WIRE_DTYPES
 
 from gradserve.server import RunningServer
 from gradserve.v1 import codec
@@ -22,25 +23,7 @@ from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 VECTORS = json.loads((Path(__file__).parent / "golden" / "wire_vectors.json").read_text())
 TENSORS = VECTORS["tensors"]
-_TORCH = {
-    "DTYPE_BOOL": torch.bool,
-    "DTYPE_UINT8": torch.uint8,
-    "DTYPE_INT8": torch.int8,
-    "DTYPE_INT16": torch.int16,
-    "DTYPE_INT32": torch.int32,
-    "DTYPE_INT64": torch.int64,
-    "DTYPE_FLOAT16": torch.float16,
-    "DTYPE_BFLOAT16": torch.bfloat16,
-    "DTYPE_FLOAT32": torch.float32,
-    "DTYPE_FLOAT64": torch.float64,
-    "DTYPE_COMPLEX64": torch.complex64,
-    "DTYPE_COMPLEX128": torch.complex128,
-    "DTYPE_UINT16": torch.uint16,
-    "DTYPE_UINT32": torch.uint32,
-    "DTYPE_UINT64": torch.uint64,
-    "DTYPE_FLOAT8_E4M3FN": torch.float8_e4m3fn,
-    "DTYPE_FLOAT8_E5M2": torch.float8_e5m2,
-}
+_TORCH = {name: w.dtype for name, w in WIRE_DTYPES.items()}
 
 
 def _ids(vectors: list[dict]) -> list[str]:

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from conftest import TESTS, ServerProcess, free_port, wait_until
+from conftest import TESTS, ServerProcess, free_port, metric_value, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -684,7 +684,10 @@ def test_check_over_its_budget_is_unavailable() -> None:
 
 
 def test_function_cannot_stop_a_real_server_and_the_grace_period_ends_the_process() -> None:
-    with ServerProcess("--functions", "gradserve_hostile_functions", "--grace-period-s", "1") as server:
+    metrics_port = free_port()
+    with ServerProcess(
+        "--functions", "gradserve_hostile_functions", "--grace-period-s", "1", "--metrics-port", str(metrics_port)
+    ) as server:
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.GradientServiceStub(channel)
             with pytest.raises(grpc.RpcError) as info:  # sys.exit in a Function: an answer, and the process lives on
@@ -692,7 +695,7 @@ def test_function_cannot_stop_a_real_server_and_the_grace_period_ends_the_proces
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert health_check(server.port) == SERVING and server.proc.poll() is None
             stuck = stub.Forward.future(pb.ForwardRequest(function="nap", args=[x1(False), pb.Value(float_value=30.0)]), timeout=60)
-            time.sleep(0.5)  # the nap has begun
+            assert wait_until(lambda: metric_value(metrics_port, "gradserve_calls_in_flight") == 1, timeout_s=20)  # napping
             t0 = time.monotonic()
             status = server.terminate(timeout_s=20)
             took = time.monotonic() - t0

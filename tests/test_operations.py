@@ -6,6 +6,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import threading
 import time
 import urllib.request
@@ -29,7 +30,7 @@ from gradserve.client import (
 )
 from gradserve.server import Registry, RunningServer, ServerConfig, create_server, examples, registry
 from gradserve.server._config import add_serve_arguments, config_from_args
-from gradserve.server._logging import JsonFormatter
+from gradserve.server._logging import configure_logging
 from gradserve.v1 import codec
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
@@ -210,12 +211,27 @@ def test_every_flag_has_an_environment_variable(monkeypatch: pytest.MonkeyPatch)
     assert config.host == "127.0.0.1"  # loopback unless 0.0.0.0 is asked for
 
 
-def test_json_log_lines_carry_the_call_fields() -> None:
-    record = logging.LogRecord("gradserve.calls", logging.INFO, __file__, 1, "request=%s", ("abc",), None)
-    for key, value in {"request_id": "abc", "function": "square", "code": "OK", "duration_ms": 1.5}.items():
-        setattr(record, key, value)
-    line = json.loads(JsonFormatter().format(record))
-    assert line["request_id"] == "abc" and line["function"] == "square" and line["code"] == "OK" and line["duration_ms"] == 1.5
+def test_json_log_lines_carry_the_call_fields(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """--log-format json as the server sets it up: one JSON object per call, with the call fields."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # configure_logging replaces the root handlers: undone after the test
+    monkeypatch.setattr(root, "level", root.level)
+    configure_logging("INFO", "json")
+    running = create_server(ServerConfig(port=0, device="cpu"), registry)
+    try:
+        with GradientClient(f"127.0.0.1:{running.port}", timeout=10) as client:
+            assert client.forward("square", torch.tensor([3.0])).tolist() == [9.0]
+            with pytest.raises(FunctionNotFoundError):
+                client.forward("no\nsuch", torch.tensor([3.0]))
+    finally:
+        running.stop(0)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    calls = {entry["function"]: entry for entry in lines if entry["logger"] == "gradserve.calls"}
+    ok, missing = calls["square"], calls["'no\\nsuch'"]  # a caller's name is escaped: it cannot forge a line
+    assert set(ok) == {"time", "level", "logger", "message", "request_id", "method", "function", "code", "duration_ms", "peer"}
+    assert (ok["level"], ok["method"], ok["code"], missing["code"]) == ("INFO", "Forward", "OK", "NOT_FOUND")
+    assert ok["time"].endswith("Z") and ok["peer"].startswith("ipv4:127.0.0.1:") and ok["duration_ms"] >= 0
+    assert ok["message"].startswith(f"request={ok['request_id']} method=Forward function=square code=OK duration_ms=")
 
 
 # -- handles: bounded, released, versioned ---------------------------------------------------------
@@ -234,9 +250,10 @@ def test_store_evicts_under_its_byte_cap_and_backward_still_right(tight_server: 
         ys = [client.function("square")(x) for x in xs]
         entries, nbytes = tight_server.runtime.handles.stats()
         assert entries == 2 and nbytes == 800 and tight_server.runtime.handles.evictions == 2
+        upstream = torch.arange(50.0) - 20.0  # non-uniform: a dropped or reordered cotangent shows
         for x, y in zip(xs, ys):
-            y.sum().backward()  # the first two recompute
-            assert x.grad.tolist() == (2 * x.detach()).tolist()
+            y.backward(upstream)  # the first two recompute
+            assert x.grad.tolist() == (upstream * 2 * x.detach()).tolist()
 
 
 def test_handle_released_when_outputs_are_dropped(tight_server: RunningServer) -> None:
@@ -281,10 +298,10 @@ def test_health_and_list_answer_while_compute_is_saturated() -> None:
     target = f"127.0.0.1:{running.port}"
     try:
         with GradientClient(target, timeout=30) as client:
-            busy = [threading.Thread(target=client.forward, args=("slow_square", torch.ones(1), 1.5)) for _ in range(6)]
+            busy = [threading.Thread(target=client.forward, args=("slow_square", torch.ones(1), 1.0)) for _ in range(4)]
             for t in busy:
                 t.start()
-            time.sleep(0.3)  # all compute slots taken, four calls queued
+            assert wait_until(lambda: running.limiter.in_progress() == 4, timeout_s=10)  # both compute slots taken, two queued
             start = time.monotonic()
             assert health_status(target) == SERVING
             assert "square" in {f.name for f in client.list_functions(timeout=2)}
@@ -295,9 +312,32 @@ def test_health_and_list_answer_while_compute_is_saturated() -> None:
         running.stop(0)
 
 
-def test_cpu_quota_is_at_least_one_and_at_most_the_affinity() -> None:
-    import os
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 2),  # v2: 1.5 CPUs round up
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu.max": "max 100000\n"}, 64),  # no quota: the affinity mask
+        ({"cpu.max": "garbage\n", "cpu/cpu.cfs_quota_us": "250000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 64),  # v1 without a quota
+        ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4),
+        ({"cpu.max": "1000000 10000\n"}, 64),  # a quota above the affinity: the affinity wins
+        ({}, 64),  # no cgroup files
+    ],
+)
+def test_cpu_quota_reads_the_cgroup_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: dict[str, str], expected: int
+) -> None:
+    from gradserve.server._server import cpu_quota
 
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(64)))
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_quota(tmp_path) == expected
+
+
+def test_cpu_quota_here_is_at_least_one_and_at_most_the_affinity() -> None:
     from gradserve.server._server import cpu_quota
 
     assert 1 <= cpu_quota() <= len(os.sched_getaffinity(0))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +36,18 @@ def test_seed_values(runtime: Runtime) -> None:
     assert result.outputs[0].item() == 1.0 and grads[0].item() == 2.0
     result, grads = runtime.forward_backward("cube_plus_square", [leaf(2.0), leaf(3.0)])
     assert [result.outputs[0].item(), grads[0].item(), grads[1].item()] == [17.0, 12.0, 6.0]
+
+
+def test_each_output_gets_its_own_cotangent(runtime: Runtime) -> None:
+    """two_outputs: x -> (2x, x + 1), so the gradient is 2 * g1 + g2, by handle, recomputed and in one call."""
+    x = [leaf([1.0, 2.0])]
+    g1, g2 = torch.tensor([1.0, 10.0]), torch.tensor([100.0, 1000.0])
+    want = [102.0, 1020.0]
+    handle = runtime.forward("two_outputs", x, keep_graph=True).handle
+    assert runtime.backward("two_outputs", handle=handle, grad_outputs=[g1, g2]).grads[0].tolist() == want
+    assert runtime.backward("two_outputs", args=x, grad_outputs=[g1, g2]).grads[0].tolist() == want
+    assert runtime.forward_backward("two_outputs", x, [g1, g2])[1][0].tolist() == want
+    assert runtime.backward("two_outputs", args=x, grad_outputs=[None, g2]).grads[0].tolist() == [100.0, 1000.0]
 
 
 def test_handle_and_recompute_give_identical_gradients(runtime: Runtime) -> None:
@@ -77,8 +88,10 @@ def test_handle_store_evicts_least_recently_used_and_expires() -> None:
         rt.backward("square", handle=h1)
     assert rt.backward("square", handle=h3).grads[0].tolist() == [2.0]
     short = Runtime(registry, "cpu", handle_ttl_s=0.05)
+    now = [100.0]
+    short.handles.clock = lambda: now[0]  # an injected clock: no sleep
     h = short.forward("square", [leaf([1.0])], keep_graph=True).handle
-    time.sleep(0.1)
+    now[0] += 0.05
     with pytest.raises(HandleNotFound):
         short.backward("square", handle=h)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -127,13 +127,39 @@ def test_non_differentiable_outputs_do_not_require_grad(client: GradientClient) 
     assert x.grad.tolist() == [[0.0, 1.0, 0.0]]
 
 
-def test_backward_recomputes_when_the_handle_is_gone(client: GradientClient, server: RunningServer) -> None:
-    x = torch.tensor([1.0, 2.0], requires_grad=True)
-    y = client.function("square")(x)
-    assert len(server.runtime.handles) >= 1
-    server.runtime.handles.release(list(server.runtime.handles._graphs))  # as after eviction or a restart
-    y.sum().backward()
-    assert x.grad.tolist() == [2.0, 4.0]
+@pytest.fixture
+def one_handle_server() -> Iterator[RunningServer]:
+    running = create_server(ServerConfig(port=0, device="cpu", max_handles=1), registry)
+    yield running
+    running.stop(0)
+
+
+def test_backward_recomputes_when_the_handle_is_gone(one_handle_server: RunningServer) -> None:
+    with GradientClient(f"127.0.0.1:{one_handle_server.port}", timeout=30) as client:
+        x = torch.tensor([1.0, 2.0], requires_grad=True)
+        y = client.function("square")(x)
+        other = client.function("square")(torch.ones(1, requires_grad=True))  # evicts y's graph (--max-handles 1)
+        y.backward(torch.tensor([10.0, -3.0]))  # NOT_FOUND by handle, then recomputed; a non-uniform cotangent
+        assert x.grad.tolist() == [20.0, -12.0]
+        del other
+
+
+def test_recompute_keeps_each_outputs_cotangent(one_handle_server: RunningServer) -> None:
+    """Two outputs, two distinct cotangents, by handle and recomputed: dropping or swapping one shows."""
+    with GradientClient(f"127.0.0.1:{one_handle_server.port}", timeout=30) as client:
+        for keep in (True, False):  # False: the graph is evicted before backward
+            x = torch.tensor([1.0, 2.0], requires_grad=True)
+            doubled, plus_one = client.function("two_outputs")(x)  # (2x, x + 1)
+            if not keep:
+                client.function("square")(torch.ones(1, requires_grad=True))
+            torch.autograd.backward([doubled, plus_one], [torch.tensor([1.0, 10.0]), torch.tensor([100.0, 1000.0])])
+            assert x.grad.tolist() == [2 * 1.0 + 100.0, 2 * 10.0 + 1000.0]
+        result = client.forward_backward(
+            "max_with_index",
+            torch.tensor([[1.0, 5.0, 2.0], [7.0, 0.0, 3.0]], requires_grad=True),
+            grad_outputs=[torch.tensor([3.0, -4.0]), None],
+        )
+        assert result.grads[0].tolist() == [[0.0, 3.0, 0.0], [-4.0, 0.0, 0.0]]
 
 
 def test_handle_and_recompute_backward_are_bit_identical(server: RunningServer) -> None:

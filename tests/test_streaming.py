@@ -58,13 +58,18 @@ def test_streamed_forward_backward_equals_local(target: str) -> None:
     torch.testing.assert_close(w.grad, result.grads[1])
 
 
-def test_streamed_backward_recomputes_when_the_handle_is_gone(target: str, server: RunningServer) -> None:
+def test_streamed_backward_recomputes_when_the_handle_is_gone() -> None:
+    one_handle = create_server(ServerConfig(port=0, device="cpu", max_handles=1), registry)
     x = torch.randn(512 * 1024, requires_grad=True)  # 2 MiB
-    with GradientClient(target, timeout=60) as client:
-        y = client.function("square")(x)
-        server.runtime.handles.release(list(server.runtime.handles._graphs))
-        y.sum().backward()
-    assert torch.equal(x.grad, 2 * x.detach())
+    upstream = torch.randn(512 * 1024, generator=torch.Generator().manual_seed(1))  # not all ones
+    try:
+        with GradientClient(f"127.0.0.1:{one_handle.port}", timeout=60) as client:
+            y = client.function("square")(x)
+            client.function("square")(torch.ones(1, requires_grad=True))  # evicts y's graph (--max-handles 1)
+            y.backward(upstream)
+    finally:
+        one_handle.stop(0)
+    assert torch.equal(x.grad, upstream * (2 * x.detach()))
 
 
 def test_every_kind_of_value_streams(target: str) -> None:

@@ -66,7 +66,7 @@ def test_byte_count_not_matching_the_shape_is_invalid_argument(endpoint: Endpoin
     bad = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[3], data=b"\x00" * 8)  # 3 float32 need 12 bytes
     code, message, reason = _raw_error(endpoint, "Forward", pb.ForwardRequest(function="square", args=[pb.Value(tensor=bad)]))
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
-    assert "12" in message and "8" in message
+    assert message == "square argument 0: float32 tensor of shape [3] needs 12 bytes of data, got 8"
 
 
 def test_grad_outputs_of_the_wrong_shape_are_invalid_argument(client: GradientClient) -> None:
