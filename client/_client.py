@@ -35,7 +35,7 @@ class GradientClient:
     ----------
     target
         ``host:port`` of the server, or any gRPC target (``dns:///svc:50051``,
-        ``ipv4:10.0.0.1:50051,10.0.0.2:50051``).
+        ``ipv4:10.0.0.1:50051,10.0.0.2:50051``, ``unix:/run/gradserve.sock``).
     timeout
         Default deadline of every call, in seconds; None waits as long as it takes.
         Each method also takes its own ``timeout``.
@@ -59,6 +59,12 @@ class GradientClient:
         is not reachable yet or still loading its Functions (``make serve`` and a
         script started together just work). With a deadline, the deadline bounds it.
         Default 60.
+    connections
+        Connections (channels) to open to ``target``, each its own TCP connection; calls
+        take them in turn, and a backward by handle goes on the connection of its
+        forward. A server started with ``--workers N`` gives each connection to one
+        worker process, so ``connections=N`` or more lets one client use them all.
+        Default 1. Not with ``channel``.
 
     Tensors may come on any device and in any supported dtype; outputs come back on
     the device of the first tensor argument (CPU when there is none) and gradients on
@@ -88,12 +94,15 @@ class GradientClient:
         channel: grpc.Channel | None = None,
         stream_threshold_bytes: int = streaming.CHUNK_BYTES,
         wait_for_server_s: float = WAIT_FOR_SERVER_S,
+        connections: int = 1,
     ) -> None:
+        if channel is not None and connections != 1:
+            raise ValueError(f"connections={connections} opens channels of its own: not with channel=")
         settings = ChannelSettings(tls, root_certificates, private_key, certificate_chain, token, options)
-        self._core = ClientCore(target, timeout, settings, stream_threshold_bytes, wait_for_server_s)
+        self._core = ClientCore(target, timeout, settings, stream_threshold_bytes, wait_for_server_s, connections)
         self._owns_channel = channel is None
-        self._channel = channel or settings.open_channel(target, grpc)
-        self._stub = pb_grpc.GradientServiceStub(self._channel)
+        self._channels = [channel] if channel is not None else self._core.open_channels(grpc)
+        self._stubs = [pb_grpc.GradientServiceStub(c) for c in self._channels]
         self._releasing: set[grpc.Future] = set()
         self._closed = False
 
@@ -112,7 +121,8 @@ class GradientClient:
         calls raise CancelledError."""
         self._closed = True
         if self._owns_channel:
-            self._channel.close()
+            for channel in self._channels:
+                channel.close()
 
     def __enter__(self) -> GradientClient:
         return self
@@ -213,21 +223,36 @@ class GradientClient:
         grad_enabled: bool,
         timeout: float | None,
     ) -> m.Forwarded:
-        return self._run(self._core.forward_keep(name, args, kwargs, requires_grad, grad_enabled), timeout)
+        connection = self._core.connections.next()
+        result = self._run(self._core.forward_keep(name, args, kwargs, requires_grad, grad_enabled), timeout, connection)
+        self._core.connections.remember(result.handle, connection)
+        return result
 
     def _backward(self, step: m.BackwardStep, timeout: float | None) -> m.BackwardReply:
-        """One remote backward of the autograd bridge: by handle, else (or when it is gone) by recompute."""
+        """One remote backward of the autograd bridge: by handle (on the connection of its forward), else (or
+        when it is gone) by recompute."""
+        connections = self._core.connections
         if step.handle:
+            connection = connections.home(step.handle)
             try:
-                return self._run(self._core.backward(step, by_handle=True), timeout)
+                reply = self._run(self._core.backward(step, by_handle=True), timeout, connection)
             except HandleNotFoundError:
-                pass  # the graph is gone: recompute below, the caller sees no error
-        return self._run(self._core.backward(step, by_handle=False), timeout)
+                connections.forget(step.handle)  # the graph is gone: recompute below, the caller sees no error
+            else:
+                connections.forget(step.handle)
+                connections.remember(reply.handle, connection)
+                return reply
+        connection = connections.next()
+        reply = self._run(self._core.backward(step, by_handle=False), timeout, connection)
+        connections.remember(reply.handle, connection)
+        return reply
 
     def _release(self, handle: str) -> None:
         """Free a kept graph without waiting; safe from a finalizer and if the client is closed."""
         try:
-            future = self._stub.ReleaseHandles.future(
+            stub = self._stubs[self._core.connections.home(handle)]
+            self._core.connections.forget(handle)
+            future = stub.ReleaseHandles.future(
                 pb.ReleaseHandlesRequest(handles=[handle]), timeout=5, metadata=self._core.settings.metadata()
             )
             # gRPC cancels a call whose future is garbage-collected: hold it until done.
@@ -238,27 +263,30 @@ class GradientClient:
 
     # -- I/O -----------------------------------------------------------------------------
 
-    def _run(self, plan: Plan, timeout: float | None) -> Any:
-        """Make the call; again only while the server says it has not started (see ClientCore)."""
+    def _run(self, plan: Plan, timeout: float | None, connection: int | None = None) -> Any:
+        """Make the call on ``connection`` (None: the next in turn); again only while the server says it has
+        not started (see ClientCore)."""
         wait = self._core.startup_wait(timeout)
+        index = self._core.connections.next() if connection is None else connection
         while True:
             try:
-                return self._attempt(plan, wait)
+                return self._attempt(plan, wait, index)
             except UnavailableError as error:
                 time.sleep(wait.retry_after(error))
 
-    def _attempt(self, plan: Plan, wait: StartupWait) -> Any:
+    def _attempt(self, plan: Plan, wait: StartupWait, index: int) -> Any:
         if self._closed:
             raise CancelledError(grpc.StatusCode.CANCELLED, "the client is closed")
-        if not self._connected():  # a server that is starting: wait for it, within the deadline or wait_for_server_s
-            self._wait_connected(wait.until_give_up())  # then call anyway: it fails fast, with the connection's own error
-        self._core.connected_once |= self._connected()  # TLS and all: a later UNAVAILABLE is no TLS mismatch
+        channel, stub = self._channels[index], self._stubs[index]
+        if not self._connected(channel):  # a server that is starting: wait for it, within the deadline or wait_for_server_s
+            self._wait_connected(channel, wait.until_give_up())  # then call anyway: it fails fast, with the connection's own error
+        self._core.connected_once |= self._connected(channel)  # TLS and all: a later UNAVAILABLE is no TLS mismatch
         options = self._core.call_options(wait)
         try:
             if plan.payloads is None:
-                return plan.read(getattr(self._stub, plan.method)(plan.request, **options), None)
+                return plan.read(getattr(stub, plan.method)(plan.request, **options), None)
             verdict: queue.SimpleQueue[bool] = queue.SimpleQueue()
-            responses = self._stub.StreamCall(_after_acceptance(plan.stream_requests(), verdict), **options)
+            responses = stub.StreamCall(_after_acceptance(plan.stream_requests(), verdict), **options)
             accepted = False
             try:
                 accepted = streaming.accepted(responses.initial_metadata())  # blocks until accepted or refused
@@ -275,17 +303,18 @@ class GradientClient:
         except REPLY_ERRORS as exc:  # a reply breaking the contract
             raise malformed_reply(exc) from None
 
-    def _connected(self) -> bool:
-        """Whether the channel is READY."""
-        check = _connectivity_check(self._channel)
+    @staticmethod
+    def _connected(channel: grpc.Channel) -> bool:
+        """Whether ``channel`` is READY."""
+        check = _connectivity_check(channel)
         return check is not None and check(False) == cygrpc.ConnectivityState.ready
 
-    def _wait_connected(self, timeout_s: float) -> None:
-        """Wait up to ``timeout_s`` seconds for the channel to connect, by polling its state: no
+    def _wait_connected(self, channel: grpc.Channel, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` seconds for ``channel`` to connect, by polling its state: no
         subscription, whose polling thread errors when the channel closes while it waits."""
-        check = _connectivity_check(self._channel)
+        check = _connectivity_check(channel)
         if check is None:  # a channel object we cannot see into
-            ready = grpc.channel_ready_future(self._channel)
+            ready = grpc.channel_ready_future(channel)
             try:
                 ready.result(timeout=timeout_s)
             except grpc.FutureTimeoutError:

@@ -125,24 +125,25 @@ class _Workers:
         ctx = multiprocessing.get_context("spawn")
         self.config = config
         self._stop = stop
-        self.serving = ctx.Event()  # set: every worker serves; health may say SERVING
-        self.stopping = ctx.Event()  # set: health NOT_SERVING everywhere, for good
         self.failure = ""
         self.died_status: int | None = None
         self._procs: list[Any] = []
-        self._reports: list[Connection] = []
+        # One pipe per worker: it reports ("ready", servable) or ("failed", reason); the parent sends
+        # "serving" (every worker is ready) and "stopping". Not multiprocessing.Event: a worker
+        # killed while waiting on one leaves set() blocked for good.
+        self._pipes: list[Connection] = []
         common = replace(config, port=port, metrics_port=0)  # the parent serves the metrics
         for i in range(config.workers):
-            receive, send = ctx.Pipe(duplex=False)
+            ours, theirs = ctx.Pipe()
             proc = ctx.Process(
                 target=_worker_main,
-                args=(replace(common, device=config.worker_device(i)), i, os.getpid(), send, self.serving, self.stopping),
+                args=(replace(common, device=config.worker_device(i)), i, os.getpid(), theirs),
                 name=f"gradserve-worker-{i}",
             )
             proc.start()
-            send.close()  # the child's end: EOF here once it exits
+            theirs.close()  # the child's end: EOF here once it exits
             self._procs.append(proc)
-            self._reports.append(receive)
+            self._pipes.append(ours)
 
     @property
     def pids(self) -> list[int]:
@@ -155,7 +156,7 @@ class _Workers:
         """Until a signal, a worker failing to start (``failure``) or a worker dying (``died_status``)."""
         ready: dict[int, bool] = {}
         while not self._stop.is_set():
-            for i, conn in enumerate(self._reports):
+            for i, conn in enumerate(self._pipes):
                 if i not in ready and conn.poll():
                     try:
                         kind, detail = conn.recv()
@@ -167,7 +168,7 @@ class _Workers:
                     ready[i] = bool(detail)
                     if len(ready) == len(self._procs):
                         if all(ready.values()):
-                            self.serving.set()
+                            self._tell("serving")
                         on_serving()
             for i, proc in enumerate(self._procs):
                 if proc.exitcode is None:
@@ -188,7 +189,7 @@ class _Workers:
 
     def stop(self) -> None:
         """Health NOT_SERVING everywhere, SIGTERM to each worker (it drains), SIGKILL past the grace period."""
-        self.stopping.set()
+        self._tell("stopping")
         for proc in self._procs:
             if proc.exitcode is None:
                 os.kill(proc.pid, signal.SIGTERM)
@@ -199,8 +200,15 @@ class _Workers:
                 log.warning("worker pid %d did not exit after the grace period: killing it", proc.pid)
                 proc.kill()
                 proc.join(timeout=_EXIT_MARGIN_S)
-        for conn in self._reports:
+        for conn in self._pipes:
             conn.close()
+
+    def _tell(self, what: str) -> None:
+        for conn in self._pipes:
+            try:
+                conn.send(what)
+            except OSError:
+                pass  # that worker has exited
 
 
 @contextlib.contextmanager
@@ -234,8 +242,8 @@ def _reserved_port(host: str, port: int) -> Iterator[int]:
         sock.close()
 
 
-def _worker_main(config: ServerConfig, index: int, parent_pid: int, report: Connection, serving: Any, stopping: Any) -> None:
-    """A worker process: a server on the shared port, health following ``serving`` and ``stopping``."""
+def _worker_main(config: ServerConfig, index: int, parent_pid: int, pipe: Connection) -> None:
+    """A worker process: a server on the shared port, its health as the parent says on ``pipe``."""
     _die_with_parent(parent_pid)
     from ._logging import configure_logging
     from ._server import EXIT_CONFIG_ERROR, serve
@@ -244,23 +252,25 @@ def _worker_main(config: ServerConfig, index: int, parent_pid: int, report: Conn
 
     def started(running: Any) -> None:
         def follow() -> None:
-            serving.wait()
-            running.set_serving(True)
-            stopping.wait()
-            running.set_serving(False)
+            try:
+                while pipe.recv() == "serving":
+                    running.set_serving(True)
+            except (EOFError, OSError):
+                pass  # the parent is gone
+            running.set_serving(False)  # "stopping"
 
         threading.Thread(target=follow, name="gradserve-worker-health", daemon=True).start()
-        report.send(("ready", running.servable))
+        pipe.send(("ready", running.servable))
         log.info("worker %d (pid %d) ready on device %s", index, os.getpid(), config.device)
 
     try:
         status = serve(config, on_started=started)
     except (ImportError, ValueError, OSError) as exc:  # as `gradserve serve` reports them: one line
-        report.send(("failed", str(exc)))
+        pipe.send(("failed", str(exc)))
         status = EXIT_CONFIG_ERROR
     except BaseException as exc:
         log.exception("worker %d failed to start", index)
-        report.send(("failed", f"worker {index}: {type(exc).__name__}: {exc}"))
+        pipe.send(("failed", f"worker {index}: {type(exc).__name__}: {exc}"))
         status = EXIT_CONFIG_ERROR
     sys.exit(status)
 

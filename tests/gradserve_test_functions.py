@@ -6,6 +6,7 @@ Served by in-process test servers and, through ``--functions gradserve_test_func
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -209,3 +210,9 @@ def deterministic_liar(x: torch.Tensor) -> torch.Tensor:
 def keyword_only(x: torch.Tensor, *, w: float) -> torch.Tensor:
     """w * x, w keyword-only."""
     return x * w
+
+
+@register("worker_pid")
+def worker_pid(x: torch.Tensor) -> torch.Tensor:
+    """2x + the serving process's pid (tests of ``--workers``: which process ran the call). Send float64."""
+    return 2 * x + os.getpid()

@@ -7,7 +7,7 @@ Part of the contract's Python encoding, like the codec: the client SDK and the s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -90,6 +90,18 @@ class ChannelSettings:
         if self.secure:
             return api.secure_channel(target, self.credentials(), options=self.channel_options())
         return api.insecure_channel(target, options=self.channel_options())
+
+    def open_channels(self, target: str, api: Any, count: int) -> list[Any]:
+        """``count`` channels to ``target``, each on a TCP connection (or unix socket connection) of its own.
+
+        gRPC shares one connection among channels with equal settings; a subchannel pool of
+        each channel's own keeps them apart, so a server's worker processes (which take
+        whole connections) each get some.
+        """
+        if count == 1:
+            return [self.open_channel(target, api)]
+        own = replace(self, options=[*self.options, ("grpc.use_local_subchannel_pool", 1)])
+        return [own.open_channel(target, api) for _ in range(count)]
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
