@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -393,8 +394,6 @@ def _refuse_live_socket(path: str) -> None:
     """gRPC replaces an existing socket file; do not take over one a running server answers on."""
     if not os.path.exists(path):
         return
-    import socket
-
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         try:
             probe.connect(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -22,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.client import GradientClient
 from gradserve.server import ServerConfig
+from gradserve.server._workers import supervise
 
 # Connections a client opens so that, whatever the kernel's hash, both workers get some:
 # all 16 on one of 2 workers has a chance of 2**-15.
@@ -84,6 +86,15 @@ class Workers(ServerProcess):
         except FileNotFoundError:
             return set()
 
+    def worker_pids(self) -> set[int]:
+        """Pids of the worker processes (children started by multiprocessing's spawn)."""
+        pids = set()
+        for pid in self.children():
+            with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    pids.add(pid)
+        return pids
+
 
 def health_statuses(target: str, connections: int = SPREAD) -> set[int]:
     """The health status each of ``connections`` separate connections reports."""
@@ -118,15 +129,22 @@ def pids_of(client: GradientClient, calls: int) -> set[int]:
 
 @pytest.fixture(scope="module")
 def workers() -> Iterator[Workers]:
+    """Two workers; at the end the parent is killed (SIGKILL) and no worker may outlive it: the kernel
+    tells them (PR_SET_PDEATHSIG), and they drain and exit."""
     with Workers("--workers", "2", "--functions", "gradserve_test_functions") as server:
         yield server
+        children = server.children()
+        assert len(server.worker_pids()) == 2
+        server.proc.kill()
+        server.proc.wait(timeout=30)
+        assert wait_until(lambda: not any(alive(pid) for pid in children), timeout_s=30), "orphaned workers"
 
 
 def test_calls_reach_both_worker_processes(workers: Workers) -> None:
     with GradientClient(workers.target, timeout=30, connections=SPREAD) as client:
         pids = pids_of(client, SPREAD)
     assert len(pids) == 2
-    assert pids <= workers.children() and workers.proc.pid not in pids
+    assert pids == workers.worker_pids()
 
 
 def test_one_connection_stays_on_one_worker(workers: Workers) -> None:
@@ -183,7 +201,7 @@ def test_lifecycle_health_waits_for_every_worker_and_sigterm_drains_them_all(tmp
 
         with GradientClient(target, timeout=60, connections=SPREAD) as client, ThreadPoolExecutor(4) as pool:
             xs = [torch.tensor([float(i + 1)], requires_grad=True) for i in range(4)]
-            calls = [pool.submit(client.forward_backward, "slow_square", x, 3.0) for x in xs]
+            calls = [pool.submit(client.forward_backward, "slow_square", x, 2.5) for x in xs]
             assert wait_until(lambda: server.metric("gradserve_calls_in_flight") == 4, timeout_s=30)
             server.proc.send_signal(signal.SIGTERM)
             # Drain: NOT_SERVING on every connection at once, while the calls in flight go on ...
@@ -198,21 +216,11 @@ def test_lifecycle_health_waits_for_every_worker_and_sigterm_drains_them_all(tmp
 
 def test_a_worker_that_dies_stops_the_server_with_status_4() -> None:
     with Workers("--workers", "2", "--functions", "gradserve_test_functions") as server:
-        with GradientClient(server.target, timeout=30, connections=SPREAD) as client:
-            first, second = sorted(pids_of(client, SPREAD))
+        first, second = sorted(server.worker_pids())
         os.kill(first, signal.SIGKILL)
         assert server.proc.wait(timeout=60) == 4
         assert not alive(second)
         assert "worker" in "".join(server.log) and "status -9" in "".join(server.log)
-
-
-def test_killing_the_parent_leaves_no_worker_behind() -> None:
-    with Workers("--workers", "2", "--functions", "gradserve_test_functions") as server:
-        children = server.children()
-        assert len(children) >= 2
-        server.proc.kill()
-        server.proc.wait(timeout=30)
-        assert wait_until(lambda: not any(alive(pid) for pid in children), timeout_s=30)
 
 
 def test_device_lists_are_checked_against_the_workers() -> None:
@@ -230,14 +238,8 @@ def test_device_lists_are_checked_against_the_workers() -> None:
 
 
 def test_an_unknown_device_in_the_list_stops_startup_before_any_worker() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "gradserve.server._cli", "serve", "--workers", "2", "--port", "0", "--device", "cpu,tpu:3"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 2
-    assert "--device must be auto, cpu, cuda or cuda:N, got 'tpu:3'" in proc.stderr
+    with pytest.raises(ValueError, match="--device must be auto, cpu, cuda or cuda:N, got 'tpu:3'"):
+        supervise(ServerConfig(workers=2, port=0, device="cpu,tpu:3"))
 
 
 def test_client_connections_are_checked() -> None:
