@@ -64,3 +64,33 @@ def test_unix_host_needs_a_path() -> None:
     with pytest.raises(ValueError, match="expected unix:/path/to/socket"):
         ServerConfig(host="unix:")
     assert os.fspath(ServerConfig(host="unix:///run/g.sock").unix_socket) == "/run/g.sock"
+
+
+def test_tls_and_tokens_over_a_unix_socket(tmp_path) -> None:
+    import trustme
+
+    from gradserve.client import UnauthenticatedError
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")  # the authority gRPC gives a unix: target
+    cert.private_key_pem.write_to_path(tmp_path / "server.key")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "server.pem")
+    path = tmp_path / "g.sock"
+    config = ServerConfig(
+        host=f"unix:{path}",
+        device="cpu",
+        max_workers=2,
+        tls_cert_file=str(tmp_path / "server.pem"),
+        tls_key_file=str(tmp_path / "server.key"),
+        auth_tokens="t1",
+    )
+    running = create_server(config, registry)
+    try:
+        x = torch.tensor([2.0], requires_grad=True)
+        with GradientClient(f"unix:{path}", timeout=30, root_certificates=ca.cert_pem.bytes(), token="t1") as client:
+            torch.testing.assert_close(client.forward_backward("square", x).grads[0], torch.tensor([4.0]))
+        with GradientClient(f"unix:{path}", timeout=30, root_certificates=ca.cert_pem.bytes()) as client:
+            with pytest.raises(UnauthenticatedError):
+                client.forward("square", x)
+    finally:
+        running.stop(0)

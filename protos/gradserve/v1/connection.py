@@ -86,9 +86,18 @@ class ChannelSettings:
         return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
 
     def open_channel(self, target: str, api: Any = grpc) -> Any:
-        """A channel to ``target`` from ``api``: ``grpc`` (sync) or ``grpc.aio`` (asyncio)."""
+        """A channel to ``target`` from ``api``: ``grpc`` (sync) or ``grpc.aio`` (asyncio).
+
+        Over TLS, a ``unix:`` target's certificate is checked for the name ``localhost``
+        (gRPC would check the socket's path), unless ``options`` name another
+        (``grpc.default_authority`` or ``grpc.ssl_target_name_override``).
+        """
         if self.secure:
-            return api.secure_channel(target, self.credentials(), options=self.channel_options())
+            options = self.channel_options()
+            named = any(k in ("grpc.default_authority", "grpc.ssl_target_name_override") for k, _ in options)
+            if target.startswith("unix:") and not named:
+                options.append(("grpc.default_authority", "localhost"))
+            return api.secure_channel(target, self.credentials(), options=options)
         return api.insecure_channel(target, options=self.channel_options())
 
     def open_channels(self, target: str, api: Any, count: int) -> list[Any]:
