@@ -279,7 +279,7 @@ class GradientClient:
             raise CancelledError(grpc.StatusCode.CANCELLED, "the client is closed")
         channel, stub = self._channels[index], self._stubs[index]
         if not self._connected(channel):  # a server that is starting: wait for it, within the deadline or wait_for_server_s
-            self._wait_connected(channel, wait.until_give_up())  # then call anyway: it fails fast, with the connection's own error
+            self._wait_connected(channel, wait.until_give_up())  # then call anyway: it fails fast, with its own error
         self._core.connected_once |= self._connected(channel)  # TLS and all: a later UNAVAILABLE is no TLS mismatch
         options = self._core.call_options(wait)
         try:

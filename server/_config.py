@@ -19,6 +19,10 @@ class ServerConfig:
     Every field is a ``gradserve serve`` flag (``max_request_bytes`` ->
     ``--max-request-bytes``) and an environment variable (``GRADSERVE_MAX_REQUEST_BYTES``);
     a flag given on the command line wins over the variable.
+
+    ``workers`` counts server *processes* sharing the port; ``max_workers`` counts the
+    compute *threads* of each one (the name grpc's ``ThreadPoolExecutor`` gave it).
+    ``device`` may list one device per worker (``cuda:0,cuda:1``, round robin).
     """
 
     host: str = "127.0.0.1"
@@ -123,7 +127,8 @@ _HELP = {
     "store and --max-workers compute threads; a connection stays on one process. TCP --host only",
     "max_workers": "forward/backward computations run at once in each worker process (threads); more calls wait, "
     "while health and ListFunctions still answer",
-    "intra_op_threads": "torch intra-op threads; 0 = the CPU quota of this container (cgroup), not the host's core count",
+    "intra_op_threads": "torch intra-op threads of each worker process; 0 = the CPU quota of this container (cgroup), "
+    "not the host's core count, divided by --workers",
     "max_concurrent_rpcs": "calls in progress at once (computing, queued for a compute slot, uploading or streaming); "
     "further calls get RESOURCE_EXHAUSTED at once. Health checks and ListFunctions have capacity of their own. "
     "0: 4 per --max-workers, at least 64",

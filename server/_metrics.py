@@ -11,7 +11,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
@@ -76,7 +76,10 @@ class Metrics:
                 lambda: handles.stats()[0]
             ),
             Gauge(
-                "gradserve_handle_bytes", "Bytes of tensors held by kept graphs (a lower bound).", registry=r, multiprocess_mode=live
+                "gradserve_handle_bytes",
+                "Bytes of tensors held by kept graphs (a lower bound).",
+                registry=r,
+                multiprocess_mode=live,
             ): lambda: handles.stats()[1],
             Gauge(
                 "gradserve_device_memory_bytes",
@@ -192,4 +195,3 @@ def multiprocess_registry(path: str) -> CollectorRegistry:
 def mark_process_dead(pid: int, path: str) -> None:
     """Drop the live gauges of worker ``pid``, which exited (its counters keep counting in the sum)."""
     multiprocess.mark_process_dead(pid, path)
-

@@ -109,7 +109,9 @@ class RunningServer:
     def set_serving(self, serving: bool) -> None:
         """Health SERVING (when some Function can be served) or NOT_SERVING; no effect once stopping."""
         serving = serving and self.servable
-        _set_health(self.health, health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
+        _set_health(
+            self.health, health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
 
     def stop(self, grace_period_s: float | None = None, drain_delay_s: float = 0.0) -> bool:
         """Drain and stop; returns True when no call is still running.
@@ -325,7 +327,18 @@ def create_server(
         ", ".join(served),
     )
     return RunningServer(
-        server, port, health_servicer, runtime, metrics, metrics_port, limiter, watchdog, servicer, address, bool(served), socket_file
+        server,
+        port,
+        health_servicer,
+        runtime,
+        metrics,
+        metrics_port,
+        limiter,
+        watchdog,
+        servicer,
+        address,
+        bool(served),
+        socket_file,
     )
 
 
@@ -359,7 +372,9 @@ class _SocketFile:
             pass  # gRPC removed it already
 
 
-def _bind(server: grpc.Server, config: ServerConfig, credentials: grpc.ServerCredentials | None) -> tuple[str, int, _SocketFile | None]:
+def _bind(
+    server: grpc.Server, config: ServerConfig, credentials: grpc.ServerCredentials | None
+) -> tuple[str, int, _SocketFile | None]:
     """Add the listening port: ``(address for clients, bound TCP port or 0, socket file or None)``.
 
     A unix socket is created with mode 0600 (so only this user may connect), its

@@ -77,7 +77,12 @@ def supervise(config: ServerConfig) -> int:
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s: draining %d workers for up to %.1f s", signal.Signals(signum).name, config.workers, config.grace_period_s)
+        log.info(
+            "received %s: draining %d workers for up to %.1f s",
+            signal.Signals(signum).name,
+            config.workers,
+            config.grace_period_s,
+        )
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import os
+import socket
 import stat
 
 import pytest

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,8 +37,19 @@ class Workers(ServerProcess):
         self.metrics_port = free_port()
         self.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "gradserve.server._cli", "serve", "--port", str(port), "--device", "cpu",
-                "--metrics-port", str(self.metrics_port), "--max-workers", "4", *extra,
+                sys.executable,
+                "-m",
+                "gradserve.server._cli",
+                "serve",
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+                "--metrics-port",
+                str(self.metrics_port),
+                "--max-workers",
+                "4",
+                *extra,
             ],
             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), **(env or {})},
             stdout=subprocess.PIPE,
@@ -99,7 +109,7 @@ class Workers(ServerProcess):
 def health_statuses(target: str, connections: int = SPREAD) -> set[int]:
     """The health status each of ``connections`` separate connections reports."""
     statuses = set()
-    for i in range(connections):
+    for _ in range(connections):
         with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10, wait_for_ready=True)
             statuses.add(reply.status)
@@ -186,7 +196,14 @@ def test_lifecycle_health_waits_for_every_worker_and_sigterm_drains_them_all(tmp
     port = free_port()
     target = f"127.0.0.1:{port}"
     server = Workers(
-        "--workers", "2", "--functions", "gradserve_gated_import", "--drain-delay-s", "2", "--grace-period-s", "20",
+        "--workers",
+        "2",
+        "--functions",
+        "gradserve_gated_import",
+        "--drain-delay-s",
+        "2",
+        "--grace-period-s",
+        "20",
         port=port,
         env={"GRADSERVE_TEST_GATE": str(tmp_path)},
         wait=False,
