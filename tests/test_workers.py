@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -20,7 +21,7 @@ import torch
 from conftest import TESTS, ServerProcess, free_port, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gradserve.client import GradientClient
+from gradserve.client import AsyncGradientClient, GradientClient
 from gradserve.server import ServerConfig
 from gradserve.server._workers import supervise
 
@@ -106,7 +107,7 @@ class Workers(ServerProcess):
         return pids
 
 
-def health_statuses(target: str, connections: int = SPREAD) -> set[int]:
+def health_statuses(target: str, connections: int = 6) -> set[int]:
     """The health status each of ``connections`` separate connections reports."""
     statuses = set()
     for _ in range(connections):
@@ -155,6 +156,19 @@ def test_calls_reach_both_worker_processes(workers: Workers) -> None:
         pids = pids_of(client, SPREAD)
     assert len(pids) == 2
     assert pids == workers.worker_pids()
+
+
+def test_the_async_client_spreads_its_connections_too(workers: Workers) -> None:
+    async def pids() -> set[int]:
+        async with AsyncGradientClient(workers.target, timeout=30, connections=SPREAD) as client:
+            results = await asyncio.gather(
+                *(client.forward_backward("worker_pid", X.clone().requires_grad_()) for _ in range(SPREAD))
+            )
+        for r in results:
+            torch.testing.assert_close(r.grads[0], torch.full_like(X, 2.0))
+        return {int((r.outputs - 2 * X)[0]) for r in results}
+
+    assert asyncio.run(pids()) == workers.worker_pids()
 
 
 def test_one_connection_stays_on_one_worker(workers: Workers) -> None:
