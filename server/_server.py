@@ -190,6 +190,9 @@ def create_server(
 ) -> RunningServer:
     """Build and start a server for ``config``; returns once it serves (it does not block).
 
+    One process's server: ``config.workers`` is :func:`serve`'s to act on (above 1, this
+    only lets the port be shared with the sibling workers).
+
     The port is bound first, with health NOT_SERVING and calls answered UNAVAILABLE
     while the Functions load (and, with ``config.check``, are gradchecked); then health
     turns SERVING, or stays NOT_SERVING if no Function can be served.
@@ -389,15 +392,16 @@ def _bind(
         umask = os.umask(0o177)
     else:
         address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
+    flags = f"--host {config.host}" + ("" if path else f" --port {config.port}")
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as exc:
-        raise ValueError(f"--host {config.host} --port {config.port}: cannot bind {address}: {exc}") from exc
+        raise ValueError(f"{flags}: cannot bind {address}: {exc}") from exc
     finally:
         if path:
             os.umask(umask)
     if not port:
-        raise ValueError(f"--host {config.host} --port {config.port}: cannot bind {address}")
+        raise ValueError(f"{flags}: cannot bind {address}")
     if not path:
         host = f"[{config.host}]" if ":" in config.host else config.host
         return f"{host}:{port}", port, None

@@ -124,7 +124,7 @@ def _announce(config: ServerConfig, port: int, endpoint: MetricsEndpoint | None)
 
 
 class _Workers:
-    """The worker processes, their start-up reports, and the events every one of them follows."""
+    """The worker processes, and a pipe to each: its start-up report one way, its health the other."""
 
     def __init__(self, config: ServerConfig, port: int, stop: threading.Event) -> None:
         ctx = multiprocessing.get_context("spawn")
