@@ -473,7 +473,9 @@ def serve(config: ServerConfig, *, on_started: Callable[[RunningServer], None] |
 
     With ``config.workers`` above 1 this process supervises that many worker processes
     (see ``gradserve.server._workers``), each running this function with ``on_started``:
-    health then stays NOT_SERVING until ``on_started``'s caller turns it on.
+    health then stays NOT_SERVING until ``on_started``'s caller turns it on. Workers are
+    started with ``spawn``, which imports the main module again: a script calling this
+    with workers must do so under ``if __name__ == "__main__":``.
     """
     if config.workers > 1 and on_started is None:
         from ._workers import supervise

@@ -148,7 +148,11 @@ def workers() -> Iterator[Workers]:
         assert len(server.worker_pids()) == 2
         server.proc.kill()
         server.proc.wait(timeout=30)
-        assert wait_until(lambda: not any(alive(pid) for pid in children), timeout_s=30), "orphaned workers"
+        wait_until(lambda: not any(alive(pid) for pid in children), timeout_s=30)
+        orphans = [pid for pid in children if alive(pid)]
+        for pid in orphans:  # leave nothing running, even when failing
+            os.kill(pid, signal.SIGKILL)
+        assert not orphans, "workers outlived their parent"
 
 
 def test_calls_reach_both_worker_processes(workers: Workers) -> None:
