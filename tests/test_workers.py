@@ -29,6 +29,7 @@ from gradserve.server._workers import supervise
 # all 16 on one of 2 workers has a chance of 2**-15.
 SPREAD = 16
 X = torch.tensor([1.0, -2.0], dtype=torch.float64)
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Workers(ServerProcess):
@@ -107,14 +108,22 @@ class Workers(ServerProcess):
         return pids
 
 
-def health_statuses(target: str, connections: int = 6) -> set[int]:
-    """The health status each of ``connections`` separate connections reports."""
-    statuses = set()
-    for _ in range(connections):
-        with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10, wait_for_ready=True)
-            statuses.add(reply.status)
-    return statuses
+class HealthProbes:
+    """Health checks over ``count`` connections opened once (each its own), so a check during the
+    drain needs no new connection."""
+
+    def __init__(self, target: str, count: int = 6) -> None:
+        self.channels = [grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(count)]
+
+    def statuses(self) -> set[int]:
+        return {
+            health_pb2_grpc.HealthStub(c).Check(health_pb2.HealthCheckRequest(), timeout=10, wait_for_ready=True).status
+            for c in self.channels
+        }
+
+    def close(self) -> None:
+        for c in self.channels:
+            c.close()
 
 
 def alive(pid: int) -> bool:
@@ -226,13 +235,16 @@ def test_lifecycle_health_waits_for_every_worker_and_sigterm_drains_them_all(tmp
         env={"GRADSERVE_TEST_GATE": str(tmp_path)},
         wait=False,
     )
-    with server:
+    probes = HealthProbes(target)
+    with server, contextlib.closing(probes):
         # One worker loads, the other waits at the gate: the port answers, health is NOT_SERVING everywhere.
         assert wait_until(lambda: sum("ready on device" in line for line in server.log) == 1, timeout_s=90), server.log
-        assert health_statuses(target) == {health_pb2.HealthCheckResponse.NOT_SERVING}
+        assert probes.statuses() == {NOT_SERVING}
         (tmp_path / "open").touch()
         assert server._announced_port(timeout_s=60) == port
-        assert wait_until(lambda: health_statuses(target) == {health_pb2.HealthCheckResponse.SERVING}, timeout_s=30)
+        assert wait_until(lambda: probes.statuses() == {SERVING}, timeout_s=30)
+        worker_pids = server.worker_pids()
+        assert len(worker_pids) == 2
 
         with GradientClient(target, timeout=60, connections=SPREAD) as client, ThreadPoolExecutor(4) as pool:
             xs = [torch.tensor([float(i + 1)], requires_grad=True) for i in range(4)]
@@ -240,13 +252,13 @@ def test_lifecycle_health_waits_for_every_worker_and_sigterm_drains_them_all(tmp
             assert wait_until(lambda: server.metric("gradserve_calls_in_flight") == 4, timeout_s=30)
             server.proc.send_signal(signal.SIGTERM)
             # Drain: NOT_SERVING on every connection at once, while the calls in flight go on ...
-            assert wait_until(lambda: health_statuses(target, 4) == {health_pb2.HealthCheckResponse.NOT_SERVING}, timeout_s=1.5)
+            assert wait_until(lambda: probes.statuses() == {NOT_SERVING}, timeout_s=1.5)
             for x, call in zip(xs, calls):
                 result = call.result(timeout=60)  # ... and finish with the right gradient
                 torch.testing.assert_close(result.outputs, x.detach() ** 2)
                 torch.testing.assert_close(result.grads[0], 2 * x.detach())
         assert server.proc.wait(timeout=60) == 0
-        assert not any(alive(pid) for pid in server.children())
+        assert not any(alive(pid) for pid in worker_pids)
 
 
 def test_a_worker_that_dies_stops_the_server_with_status_4() -> None:
