@@ -223,8 +223,8 @@ def _reserved_port(host: str, port: int) -> Iterator[int]:
     With port 0 this fixes the one port every worker binds. A port another server
     already listens on is refused, even if that server also allows SO_REUSEPORT.
     """
-    if not hasattr(socket, "SO_REUSEPORT"):
-        raise ValueError("--workers needs SO_REUSEPORT (Linux); this platform has none")
+    if not sys.platform.startswith("linux"):  # elsewhere SO_REUSEPORT does not spread connections
+        raise ValueError(f"--workers needs Linux (SO_REUSEPORT spreading connections over processes), not {sys.platform}")
     bare = host.strip("[]")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
