@@ -161,25 +161,27 @@ class _Workers:
         """Until a signal, a worker failing to start (``failure``) or a worker dying (``died_status``)."""
         ready: dict[int, bool] = {}
         while not self._stop.is_set():
-            for i, conn in enumerate(self._pipes):
-                if i not in ready and conn.poll():
-                    try:
-                        kind, detail = conn.recv()
-                    except EOFError:
-                        continue  # it exited: seen below
-                    if kind == "failed":
-                        self.failure = detail
-                        return
-                    ready[i] = bool(detail)
-                    if len(ready) == len(self._procs):
-                        if all(ready.values()):
-                            self._tell("serving")
-                        on_serving()
+            for i in range(len(self._procs)):
+                report = None if i in ready else self._report(i)
+                if report is None:
+                    continue
+                kind, detail = report
+                if kind == "failed":
+                    self.failure = detail
+                    return
+                ready[i] = bool(detail)
+                if len(ready) == len(self._procs):
+                    if all(ready.values()):
+                        self._tell("serving")
+                    on_serving()
             for i, proc in enumerate(self._procs):
                 if proc.exitcode is None:
                     continue
-                if i not in ready:  # 0: a signal stopped it while starting; else the reason is in its log
-                    self.failure = "" if proc.exitcode == 0 else f"worker {i} exited while starting, status {proc.exitcode}"
+                report = None if i in ready else self._report(i)  # it may have come after the look above
+                if i not in ready and (report is None or report[0] == "failed"):
+                    # Status 0: a signal stopped it while starting. Otherwise its reason, or its log says why.
+                    reason = report[1] if report else f"worker {i} exited while starting, status {proc.exitcode}"
+                    self.failure = "" if proc.exitcode == 0 else reason
                     return
                 log.error(
                     "worker %d (pid %d) exited with status %s: stopping the others, then exiting with status %d",
@@ -207,6 +209,14 @@ class _Workers:
                 proc.join(timeout=_EXIT_MARGIN_S)
         for conn in self._pipes:
             conn.close()
+
+    def _report(self, i: int) -> tuple[str, Any] | None:
+        """Worker ``i``'s start-up report, if one has come."""
+        conn = self._pipes[i]
+        try:
+            return conn.recv() if conn.poll() else None
+        except (EOFError, OSError):
+            return None  # it exited without one
 
     def _tell(self, what: str) -> None:
         for conn in self._pipes:

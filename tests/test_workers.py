@@ -270,6 +270,16 @@ def test_a_worker_that_dies_stops_the_server_with_status_4() -> None:
         assert "worker" in "".join(server.log) and "status -9" in "".join(server.log)
 
 
+def test_a_worker_that_cannot_start_stops_the_server_with_its_reason() -> None:
+    server = Workers("--workers", "2", "--functions", "no_such_module_xyz", wait=False)
+    with server:
+        assert server.proc.wait(timeout=90) == 2
+        assert wait_until(lambda: "gradserve serve: error:" in "".join(server.log), timeout_s=10)
+        log = "".join(server.log)
+        assert "cannot import functions module 'no_such_module_xyz'" in log
+        assert "Traceback" not in log
+
+
 def test_device_lists_are_checked_against_the_workers() -> None:
     assert [ServerConfig(workers=3, device="cpu, cpu").worker_device(i) for i in range(3)] == ["cpu", "cpu", "cpu"]
     assert ServerConfig(workers=2, device="cuda:0,cuda:1").worker_device(1) == "cuda:1"
