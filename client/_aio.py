@@ -25,8 +25,9 @@ __all__ = ["AsyncGradientClient"]
 class AsyncGradientClient:
     """Async client of a gradserve server: ``await client.forward_backward(...)``.
 
-    Parameters, devices, dtypes, errors, retries and waiting for a starting server are
-    those of :class:`gradserve.client.GradientClient`; both are faces of one core. It
+    Parameters (``connections`` too), devices, dtypes, errors, retries and waiting for a
+    starting server are those of :class:`gradserve.client.GradientClient`; both are faces
+    of one core. It
     offers ``list_functions``, ``forward`` and ``forward_backward``; ``function`` (the
     differentiable step) needs torch's synchronous ``backward`` and lives on the sync
     client only. Use it as ``async with AsyncGradientClient(target) as client:``, inside
@@ -48,12 +49,16 @@ class AsyncGradientClient:
         wait_for_server_s: float = WAIT_FOR_SERVER_S,
         shared_memory: bool = False,
         shared_memory_threshold_bytes: int = DEFAULT_THRESHOLD_BYTES,
+        connections: int = 1,
     ) -> None:
         settings = ChannelSettings(tls, root_certificates, private_key, certificate_chain, token, options)
         shm = SharedMemory(shared_memory_threshold_bytes) if shared_memory else None
-        self._core = ClientCore(target, timeout, settings, stream_threshold_bytes, wait_for_server_s, shm)
-        self._channel = settings.open_channel(target, grpc.aio)
-        self._stub = pb_grpc.GradientServiceStub(self._channel)
+        self._core = ClientCore(
+            target, timeout, settings, stream_threshold_bytes, wait_for_server_s,
+            shared_memory=shm, connections=connections,
+        )
+        self._channels = self._core.open_channels(grpc.aio)
+        self._stubs = [pb_grpc.GradientServiceStub(c) for c in self._channels]
 
     @property
     def target(self) -> str:
@@ -66,8 +71,9 @@ class AsyncGradientClient:
         return self._core.transport
 
     async def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
-        await self._channel.close()
+        """Close the channels; calls in flight are cancelled."""
+        for channel in self._channels:
+            await channel.close()
 
     async def __aenter__(self) -> AsyncGradientClient:
         return self
@@ -99,12 +105,14 @@ class AsyncGradientClient:
     async def _run(self, plan: Plan, timeout: float | None) -> Any:
         """As ``GradientClient._run``, awaiting."""
         wait = self._core.startup_wait(timeout)
-        await self._probe(wait)
+        index = self._core.connections.next()
+        connection = self._channels[index], self._stubs[index]
+        await self._probe(wait, connection)
         plan = self._core.prepare(plan)
         try:
             while True:
                 try:
-                    return await self._attempt(plan, wait)
+                    return await self._attempt(plan, wait, *connection)
                 except UnavailableError as error:
                     await asyncio.sleep(wait.retry_after(error))
                 except GradServeError as error:
@@ -112,31 +120,31 @@ class AsyncGradientClient:
         finally:
             release(plan)
 
-    async def _probe(self, wait: StartupWait) -> None:
+    async def _probe(self, wait: StartupWait, connection: tuple[grpc.aio.Channel, Any]) -> None:
         """As ``GradientClient._probe``, awaiting."""
         due = self._core.probe_plan()
         if due is None:
             return
         plan, nonce = due
         try:
-            self._core.shared_memory.probe_reply(await self._attempt(plan, wait), nonce)
+            self._core.shared_memory.probe_reply(await self._attempt(plan, wait, *connection), nonce)
         except GradServeError as error:
             self._core.shared_memory.probe_failed(error)
         finally:
             release(plan)
 
-    async def _attempt(self, plan: Plan, wait: StartupWait) -> Any:
-        if self._channel.get_state(try_to_connect=True) is not grpc.ChannelConnectivity.READY:
+    async def _attempt(self, plan: Plan, wait: StartupWait, channel: grpc.aio.Channel, stub: Any) -> Any:
+        if channel.get_state(try_to_connect=True) is not grpc.ChannelConnectivity.READY:
             try:  # a server that is starting: wait for it, within the deadline or wait_for_server_s
-                await asyncio.wait_for(self._channel.channel_ready(), wait.until_give_up())
+                await asyncio.wait_for(channel.channel_ready(), wait.until_give_up())
             except asyncio.TimeoutError:
                 pass  # call anyway: it fails fast, with the connection's own error
-        self._core.connected_once |= self._channel.get_state() is grpc.ChannelConnectivity.READY
+        self._core.connected_once |= channel.get_state() is grpc.ChannelConnectivity.READY
         options = self._core.call_options(wait)
         try:
             if plan.payloads is None:
-                return plan.read(await getattr(self._stub, plan.method)(plan.request, **options), None)
-            call = self._stub.StreamCall(**options)
+                return plan.read(await getattr(stub, plan.method)(plan.request, **options), None)
+            call = stub.StreamCall(**options)
             messages = plan.stream_requests()
             try:
                 await call.write(next(messages))

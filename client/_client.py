@@ -36,7 +36,7 @@ class GradientClient:
     ----------
     target
         ``host:port`` of the server, or any gRPC target (``dns:///svc:50051``,
-        ``ipv4:10.0.0.1:50051,10.0.0.2:50051``).
+        ``ipv4:10.0.0.1:50051,10.0.0.2:50051``, ``unix:/run/gradserve.sock``).
     timeout
         Default deadline of every call, in seconds; None waits as long as it takes.
         Each method also takes its own ``timeout``.
@@ -71,6 +71,12 @@ class GradientClient:
     shared_memory_threshold_bytes
         Smallest tensor, in bytes, sent through shared memory. Default 256 KiB (below
         about that, the fixed cost of a segment outweighs the copy it saves).
+    connections
+        Connections (channels) to open to ``target``, each its own TCP connection; calls
+        take them in turn, and a backward by handle goes on the connection of its
+        forward. A server started with ``--workers N`` gives each connection to one
+        worker process, so ``connections=N`` or more lets one client use them all.
+        Default 1. Not with ``channel``.
 
     Tensors may come on any device and in any supported dtype; outputs come back on
     the device of the first tensor argument (CPU when there is none) and gradients on
@@ -102,13 +108,19 @@ class GradientClient:
         wait_for_server_s: float = WAIT_FOR_SERVER_S,
         shared_memory: bool = False,
         shared_memory_threshold_bytes: int = DEFAULT_THRESHOLD_BYTES,
+        connections: int = 1,
     ) -> None:
+        if channel is not None and connections != 1:
+            raise ValueError(f"connections={connections} opens channels of its own: not with channel=")
         settings = ChannelSettings(tls, root_certificates, private_key, certificate_chain, token, options)
         shm = SharedMemory(shared_memory_threshold_bytes) if shared_memory else None
-        self._core = ClientCore(target, timeout, settings, stream_threshold_bytes, wait_for_server_s, shm)
+        self._core = ClientCore(
+            target, timeout, settings, stream_threshold_bytes, wait_for_server_s,
+            shared_memory=shm, connections=connections,
+        )
         self._owns_channel = channel is None
-        self._channel = channel or settings.open_channel(target, grpc)
-        self._stub = pb_grpc.GradientServiceStub(self._channel)
+        self._channels = [channel] if channel is not None else self._core.open_channels(grpc)
+        self._stubs = [pb_grpc.GradientServiceStub(c) for c in self._channels]
         self._releasing: set[grpc.Future] = set()
         self._closed = False
 
@@ -133,7 +145,8 @@ class GradientClient:
         calls raise CancelledError."""
         self._closed = True
         if self._owns_channel:
-            self._channel.close()
+            for channel in self._channels:
+                channel.close()
 
     def __enter__(self) -> GradientClient:
         return self
@@ -234,21 +247,36 @@ class GradientClient:
         grad_enabled: bool,
         timeout: float | None,
     ) -> m.Forwarded:
-        return self._run(self._core.forward_keep(name, args, kwargs, requires_grad, grad_enabled), timeout)
+        connection = self._core.connections.next()
+        result = self._run(self._core.forward_keep(name, args, kwargs, requires_grad, grad_enabled), timeout, connection)
+        self._core.connections.remember(result.handle, connection)
+        return result
 
     def _backward(self, step: m.BackwardStep, timeout: float | None) -> m.BackwardReply:
-        """One remote backward of the autograd bridge: by handle, else (or when it is gone) by recompute."""
+        """One remote backward of the autograd bridge: by handle (on the connection of its forward), else (or
+        when it is gone) by recompute."""
+        connections = self._core.connections
         if step.handle:
+            connection = connections.home(step.handle)
             try:
-                return self._run(self._core.backward(step, by_handle=True), timeout)
+                reply = self._run(self._core.backward(step, by_handle=True), timeout, connection)
             except HandleNotFoundError:
-                pass  # the graph is gone: recompute below, the caller sees no error
-        return self._run(self._core.backward(step, by_handle=False), timeout)
+                connections.forget(step.handle)  # the graph is gone: recompute below, the caller sees no error
+            else:
+                connections.forget(step.handle)
+                connections.remember(reply.handle, connection)
+                return reply
+        connection = connections.next()
+        reply = self._run(self._core.backward(step, by_handle=False), timeout, connection)
+        connections.remember(reply.handle, connection)
+        return reply
 
     def _release(self, handle: str) -> None:
         """Free a kept graph without waiting; safe from a finalizer and if the client is closed."""
         try:
-            future = self._stub.ReleaseHandles.future(
+            stub = self._stubs[self._core.connections.home(handle)]
+            self._core.connections.forget(handle)
+            future = stub.ReleaseHandles.future(
                 pb.ReleaseHandlesRequest(handles=[handle]), timeout=5, metadata=self._core.settings.metadata()
             )
             # gRPC cancels a call whose future is garbage-collected: hold it until done.
@@ -259,15 +287,17 @@ class GradientClient:
 
     # -- I/O -----------------------------------------------------------------------------
 
-    def _run(self, plan: Plan, timeout: float | None) -> Any:
-        """Make the call; again only while the server says it has not started (see ClientCore)."""
+    def _run(self, plan: Plan, timeout: float | None, connection: int | None = None) -> Any:
+        """Make the call on ``connection`` (None: the next in turn); again only while the server says it has
+        not started (see ClientCore)."""
         wait = self._core.startup_wait(timeout)
-        self._probe(wait)
+        index = self._core.connections.next() if connection is None else connection
+        self._probe(wait, index)
         plan = self._core.prepare(plan)
         try:
             while True:
                 try:
-                    return self._attempt(plan, wait)
+                    return self._attempt(plan, wait, index)
                 except UnavailableError as error:
                     time.sleep(wait.retry_after(error))
                 except GradServeError as error:
@@ -275,31 +305,32 @@ class GradientClient:
         finally:
             release(plan)
 
-    def _probe(self, wait: StartupWait) -> None:
+    def _probe(self, wait: StartupWait, index: int) -> None:
         """Same-host shared memory: prove it before the first call that could use it (see ``client/_shm.py``)."""
         due = self._core.probe_plan()
         if due is None:
             return
         plan, nonce = due
         try:
-            self._core.shared_memory.probe_reply(self._attempt(plan, wait), nonce)
+            self._core.shared_memory.probe_reply(self._attempt(plan, wait, index), nonce)
         except GradServeError as error:
             self._core.shared_memory.probe_failed(error)
         finally:
             release(plan)
 
-    def _attempt(self, plan: Plan, wait: StartupWait) -> Any:
+    def _attempt(self, plan: Plan, wait: StartupWait, index: int) -> Any:
         if self._closed:
             raise CancelledError(grpc.StatusCode.CANCELLED, "the client is closed")
-        if not self._connected():  # a server that is starting: wait for it, within the deadline or wait_for_server_s
-            self._wait_connected(wait.until_give_up())  # then call anyway: it fails fast, with the connection's own error
-        self._core.connected_once |= self._connected()  # TLS and all: a later UNAVAILABLE is no TLS mismatch
+        channel, stub = self._channels[index], self._stubs[index]
+        if not self._connected(channel):  # a server that is starting: wait for it, within the deadline or wait_for_server_s
+            self._wait_connected(channel, wait.until_give_up())  # then call anyway: it fails fast, with its own error
+        self._core.connected_once |= self._connected(channel)  # TLS and all: a later UNAVAILABLE is no TLS mismatch
         options = self._core.call_options(wait)
         try:
             if plan.payloads is None:
-                return plan.read(getattr(self._stub, plan.method)(plan.request, **options), None)
+                return plan.read(getattr(stub, plan.method)(plan.request, **options), None)
             verdict: queue.SimpleQueue[bool] = queue.SimpleQueue()
-            responses = self._stub.StreamCall(_after_acceptance(plan.stream_requests(), verdict), **options)
+            responses = stub.StreamCall(_after_acceptance(plan.stream_requests(), verdict), **options)
             accepted = False
             try:
                 accepted = streaming.accepted(responses.initial_metadata())  # blocks until accepted or refused
@@ -316,17 +347,18 @@ class GradientClient:
         except REPLY_ERRORS as exc:  # a reply breaking the contract
             raise malformed_reply(exc) from None
 
-    def _connected(self) -> bool:
-        """Whether the channel is READY."""
-        check = _connectivity_check(self._channel)
+    @staticmethod
+    def _connected(channel: grpc.Channel) -> bool:
+        """Whether ``channel`` is READY."""
+        check = _connectivity_check(channel)
         return check is not None and check(False) == cygrpc.ConnectivityState.ready
 
-    def _wait_connected(self, timeout_s: float) -> None:
-        """Wait up to ``timeout_s`` seconds for the channel to connect, by polling its state: no
+    def _wait_connected(self, channel: grpc.Channel, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` seconds for ``channel`` to connect, by polling its state: no
         subscription, whose polling thread errors when the channel closes while it waits."""
-        check = _connectivity_check(self._channel)
+        check = _connectivity_check(channel)
         if check is None:  # a channel object we cannot see into
-            ready = grpc.channel_ready_future(self._channel)
+            ready = grpc.channel_ready_future(channel)
             try:
                 ready.result(timeout=timeout_s)
             except grpc.FutureTimeoutError:

@@ -13,6 +13,8 @@ call is made, so an unreachable server fails with the connection's own error.
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from . import _messages as m
 from . import _shm
 from ._errors import ArgumentError, GradServeError, InternalError, from_rpc_error
 
-__all__ = ["REPLY_ERRORS", "ClientCore", "Plan", "StartupWait", "malformed_reply", "release"]
+__all__ = ["REPLY_ERRORS", "ClientCore", "Connections", "Plan", "StartupWait", "malformed_reply", "release"]
 
 _METHODS = {
     "list_functions": "ListFunctions",
@@ -133,6 +135,45 @@ class StartupWait:
         return delay
 
 
+class Connections:
+    """Which of a client's connections (0 .. count-1) a call uses: the next in turn, or for a backward by
+    handle the one whose forward made the handle.
+
+    A server with ``--workers`` keeps a forward's graph in the worker process that ran it,
+    and one connection always reaches the same worker: so the backward goes back on
+    that connection and finds the handle. No I/O; safe to share between threads.
+    """
+
+    def __init__(self, count: int) -> None:
+        if count < 1:
+            raise ValueError(f"connections must be at least 1, got {count}")
+        self.count = count
+        self._turn = itertools.count()
+        self._home: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def next(self) -> int:
+        """The connection for a call that needs no particular one (round robin)."""
+        return next(self._turn) % self.count if self.count > 1 else 0
+
+    def remember(self, handle: str, index: int) -> None:
+        """``handle`` was made on connection ``index``."""
+        if handle and self.count > 1:
+            with self._lock:
+                self._home[handle] = index
+
+    def home(self, handle: str) -> int:
+        """The connection ``handle`` was made on (the next in turn for one unknown)."""
+        index = self._home.get(handle) if self.count > 1 else 0
+        return self.next() if index is None else index
+
+    def forget(self, handle: str) -> None:
+        """``handle`` will not be used again (consumed by a backward, released, or gone)."""
+        if self.count > 1:
+            with self._lock:
+                self._home.pop(handle, None)
+
+
 class ClientCore:
     """Configuration and call plans of a gradserve client; no I/O.
 
@@ -147,14 +188,20 @@ class ClientCore:
         stream_threshold_bytes: int,
         wait_for_server_s: float,
         shared_memory: _shm.SharedMemory | None = None,
+        connections: int = 1,
     ) -> None:
         self.target = target
         self.shared_memory = shared_memory
+        self.connections = Connections(connections)
         self.timeout = timeout
         self.settings = settings
         self.stream_threshold_bytes = stream_threshold_bytes
         self.wait_for_server_s = wait_for_server_s
         self.connected_once = False  # set by the faces after a first reply
+
+    def open_channels(self, api: Any) -> list[Any]:
+        """One channel per connection, from ``api`` (``grpc`` or ``grpc.aio``)."""
+        return self.settings.open_channels(self.target, api, self.connections.count)
 
     # -- policy ------------------------------------------------------------------------
 

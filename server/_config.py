@@ -19,12 +19,17 @@ class ServerConfig:
     Every field is a ``gradserve serve`` flag (``max_request_bytes`` ->
     ``--max-request-bytes``) and an environment variable (``GRADSERVE_MAX_REQUEST_BYTES``);
     a flag given on the command line wins over the variable.
+
+    ``workers`` counts server *processes* sharing the port; ``max_workers`` counts the
+    compute *threads* of each one (the name grpc's ``ThreadPoolExecutor`` gave it).
+    ``device`` may list one device per worker (``cuda:0,cuda:1``, round robin).
     """
 
     host: str = "127.0.0.1"
     port: int = 50051
     functions: tuple[str, ...] = field(default=())
     device: str = "auto"
+    workers: int = 1
     max_workers: int = 16
     max_concurrent_rpcs: int = 0
     idle_stream_timeout_s: float = 30.0
@@ -56,7 +61,7 @@ class ServerConfig:
             value = getattr(self, name)
             if not 0 <= value <= 65535:
                 raise ValueError(f"--{_flag(name)} {value}: not a TCP port (0-65535; 0 picks a free one)")
-        for name in ("max_workers", "max_request_bytes", "max_tensor_bytes", "max_handles"):
+        for name in ("workers", "max_workers", "max_request_bytes", "max_tensor_bytes", "max_handles"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} {getattr(self, name)}: must be at least 1")
         for name in ("intra_op_threads", "max_concurrent_rpcs", "max_inflight_bytes", "max_handle_bytes"):
@@ -73,6 +78,31 @@ class ServerConfig:
                 f"--max-concurrent-rpcs {self.max_concurrent_rpcs} is below --max-workers {self.max_workers}: "
                 "calls in progress include those computing"
             )
+        devices = [d.strip() for d in self.device.split(",")]
+        if not all(devices):
+            raise ValueError(f"--device {self.device!r}: an empty entry; expected DEVICE or DEVICE,DEVICE,... (cuda:0,cuda:1)")
+        if len(devices) > self.workers:
+            raise ValueError(
+                f"--device {self.device}: {len(devices)} devices for --workers {self.workers}; worker i gets device i, "
+                f"so a device would be left unused: pass --workers {len(devices)} (or a multiple), or fewer devices"
+            )
+        if self.unix_socket and self.workers > 1:
+            raise ValueError(
+                f"--host {self.host} with --workers {self.workers}: worker processes share a TCP port "
+                "(SO_REUSEPORT); a unix socket cannot be shared. Use one worker, or a TCP --host"
+            )
+        if self.host.startswith("unix:") and not self.unix_socket.strip():
+            raise ValueError(f"--host {self.host}: expected unix:/path/to/socket")
+
+    @property
+    def unix_socket(self) -> str:
+        """The socket path when ``host`` is ``unix:PATH`` (``port`` is then unused), else empty."""
+        return self.host.removeprefix("unix:").removeprefix("//") if self.host.startswith("unix:") else ""
+
+    def worker_device(self, index: int) -> str:
+        """The device of worker ``index`` (0-based): ``device``, or entry ``index`` of a comma list, round robin."""
+        devices = self.device.split(",")
+        return devices[index % len(devices)].strip()
 
     @property
     def concurrent_rpcs(self) -> int:
@@ -85,15 +115,21 @@ def _flag(name: str) -> str:
 
 
 _HELP = {
-    "host": "address to bind; 127.0.0.1 by default, 0.0.0.0 must be asked for",
+    "host": "address to bind; 127.0.0.1 by default, 0.0.0.0 must be asked for; unix:/path/to.sock listens on a "
+    "unix socket instead (mode 0600: the same user only; --port unused; removed at exit)",
     "port": "TCP port; 0 picks a free one (it is logged)",
     "functions": (
         "module that registers Functions: a dotted name (found on PYTHONPATH or in the current directory) "
         "or a .py file path; repeatable. Default: gradserve.server.examples"
     ),
-    "device": "auto (CUDA when present, else CPU), cpu, cuda or cuda:N",
-    "max_workers": "forward/backward computations run at once; more calls wait, while health and ListFunctions still answer",
-    "intra_op_threads": "torch intra-op threads; 0 = the CPU quota of this container (cgroup), not the host's core count",
+    "device": "auto (CUDA when present, else CPU), cpu, cuda or cuda:N; with --workers, a comma list "
+    "(cuda:0,cuda:1) gives worker i device i, round robin; one device is shared by all workers",
+    "workers": "server processes sharing the port (SO_REUSEPORT), each with its own Functions, runtime, handle "
+    "store and --max-workers compute threads; a connection stays on one process. TCP --host only",
+    "max_workers": "forward/backward computations run at once in each worker process (threads); more calls wait, "
+    "while health and ListFunctions still answer",
+    "intra_op_threads": "torch intra-op threads of each worker process; 0 = the CPU quota of this container (cgroup), "
+    "not the host's core count, divided by --workers",
     "max_concurrent_rpcs": "calls in progress at once (computing, queued for a compute slot, uploading or streaming); "
     "further calls get RESOURCE_EXHAUSTED at once. Health checks and ListFunctions have capacity of their own. "
     "0: 4 per --max-workers, at least 64",

@@ -8,12 +8,14 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -37,6 +39,7 @@ from ._shm import SharedMemoryService
 __all__ = ["EXIT_CONFIG_ERROR", "EXIT_FORCED", "EXIT_OK", "RunningServer", "create_server", "serve"]
 
 log = logging.getLogger("gradserve.server")
+T = TypeVar("T")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
 # Health checks and ListFunctions have this many call slots (and threads) of their own,
@@ -84,9 +87,13 @@ class RunningServer:
     Attributes
     ----------
     port : int
-        The bound gRPC port (useful when the config asked for 0).
+        The bound gRPC port (useful when the config asked for 0); 0 on a unix socket.
     metrics_port : int or None
         The bound Prometheus port, or None when metrics are off.
+    address : str
+        What a client passes as its target: ``HOST:PORT``, or ``unix:PATH``.
+    servable : bool
+        Whether some Function can be served (health turns SERVING only then).
     """
 
     grpc_server: grpc.Server
@@ -98,6 +105,16 @@ class RunningServer:
     limiter: ConcurrencyLimit | None = None
     watchdog: IdleWatchdog | None = None
     servicer: GradientServicer | None = field(default=None, repr=False)
+    address: str = ""
+    servable: bool = True
+    socket_file: _SocketFile | None = field(default=None, repr=False)
+
+    def set_serving(self, serving: bool) -> None:
+        """Health SERVING (when some Function can be served) or NOT_SERVING; no effect once stopping."""
+        serving = serving and self.servable
+        _set_health(
+            self.health, health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
 
     def stop(self, grace_period_s: float | None = None, drain_delay_s: float = 0.0) -> bool:
         """Drain and stop; returns True when no call is still running.
@@ -117,6 +134,8 @@ class RunningServer:
         self.metrics.stop()
         if self.servicer is not None:
             self.servicer.shared_memory.stop()
+        if self.socket_file is not None:
+            self.socket_file.remove()
         if self.watchdog is not None:
             self.watchdog.stop()
         if self.limiter is None:
@@ -159,6 +178,8 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 
 
 def _is_loopback(host: str) -> bool:
+    if host.startswith("unix:"):  # local by construction; only the same user may connect
+        return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
@@ -166,9 +187,16 @@ def _is_loopback(host: str) -> bool:
 
 
 def create_server(
-    config: ServerConfig, registry: Registry | None = None, *, stopping: threading.Event | None = None
+    config: ServerConfig,
+    registry: Registry | None = None,
+    *,
+    stopping: threading.Event | None = None,
+    hold_health: bool = False,
 ) -> RunningServer:
     """Build and start a server for ``config``; returns once it serves (it does not block).
+
+    One process's server: ``config.workers`` is :func:`serve`'s to act on (above 1, this
+    only lets the port be shared with the sibling workers).
 
     The port is bound first, with health NOT_SERVING and calls answered UNAVAILABLE
     while the Functions load (and, with ``config.check``, are gradchecked); then health
@@ -183,6 +211,9 @@ def create_server(
         examples) and the ``gradserve.functions`` entry points.
     stopping
         Set (by a signal handler) to abandon start-up between two checks.
+    hold_health
+        Keep health NOT_SERVING once loaded, until ``RunningServer.set_serving(True)``
+        (a worker process waits for its siblings).
 
     Raises
     ------
@@ -249,7 +280,8 @@ def create_server(
             # A C int in gRPC; larger requests must stream anyway (protobuf's 2 GiB ceiling).
             ("grpc.max_receive_message_length", min(config.max_request_bytes, 2**31 - 1)),
             ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 0),
+            # Worker processes share the port; a lone server must not share it by accident.
+            ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
             *SERVER_KEEPALIVE_POLICY.items(),
         ],
     )
@@ -258,15 +290,11 @@ def create_server(
     _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
     try:
-        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    except RuntimeError as exc:
+        address, port, socket_file = _bind(server, config, credentials)
+    except (ValueError, OSError):
         watchdog.stop()
-        raise ValueError(f"--host {config.host} --port {config.port}: cannot bind {address}: {exc}") from exc
-    if not port:
-        watchdog.stop()
-        raise ValueError(f"--host {config.host} --port {config.port}: cannot bind {address}")
+        raise
     server.start()
     try:
         if registry is None:
@@ -282,32 +310,26 @@ def create_server(
             unavailable=unavailable,
         )
         metrics = Metrics(runtime)
-        metrics_port = None
-        if config.metrics_port:
-            try:
-                metrics_port = metrics.serve_http(config.host, config.metrics_port)
-            except OSError as exc:
-                raise ValueError(
-                    f"--metrics-port {config.metrics_port}: cannot serve metrics on {config.host}: {exc.strerror or exc}"
-                ) from exc
+        metrics_port = serve_metrics(config, metrics.serve_http) if config.metrics_port else None
     except BaseException:
         server.stop(0)
+        if socket_file is not None:
+            socket_file.remove()
         watchdog.stop()
         raise
     metrics_box.append(metrics)
     servicer.shared_memory.start()  # sweeps what dead processes left, then periodically
     servicer.attach(runtime, metrics)
     served = [f.name for f in registry if f.name not in runtime.unavailable]
-    if served:
-        _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
-    else:
+    if not served:
         log.warning("no Function can be served (none registered, or every one failed its check): health stays NOT_SERVING")
+    elif not hold_health:
+        _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "serving %d function(s)%s on %s:%d (%s%s%s), device %s%s: %s",
+        "serving %d function(s)%s on %s (%s%s%s), device %s%s: %s",
         len(served),
         f" ({len(runtime.unavailable)} more unavailable)" if runtime.unavailable else "",
-        config.host,
-        port,
+        address,
         "TLS" if credentials else "plaintext",
         ", same-host shared memory" if servicer.shared_memory.enabled else "",
         ", tokens required" if tokens else "",
@@ -315,7 +337,96 @@ def create_server(
         f", metrics on :{metrics_port}/metrics" if metrics_port else "",
         ", ".join(served),
     )
-    return RunningServer(server, port, health_servicer, runtime, metrics, metrics_port, limiter, watchdog, servicer)
+    return RunningServer(
+        server,
+        port,
+        health_servicer,
+        runtime,
+        metrics,
+        metrics_port,
+        limiter,
+        watchdog,
+        servicer,
+        address,
+        bool(served),
+        socket_file,
+    )
+
+
+def serve_metrics(config: ServerConfig, start: Callable[[str, int], T]) -> T:
+    """``start(host, config.metrics_port)``: ``host`` is ``--host``, or 127.0.0.1 for a unix socket.
+
+    Raises
+    ------
+    ValueError
+        The port cannot be bound (the message names ``--metrics-port``).
+    """
+    host = "127.0.0.1" if config.unix_socket else config.host
+    try:
+        return start(host, config.metrics_port)
+    except OSError as exc:
+        raise ValueError(f"--metrics-port {config.metrics_port}: cannot serve metrics on {host}: {exc.strerror or exc}") from exc
+
+
+class _SocketFile:
+    """The unix socket file a server listens on, removed at shutdown only if it is still ours (same inode)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.inode = os.stat(path).st_ino
+
+    def remove(self) -> None:
+        try:
+            if os.stat(self.path).st_ino == self.inode:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass  # gRPC removed it already
+
+
+def _bind(
+    server: grpc.Server, config: ServerConfig, credentials: grpc.ServerCredentials | None
+) -> tuple[str, int, _SocketFile | None]:
+    """Add the listening port: ``(address for clients, bound TCP port or 0, socket file or None)``.
+
+    A unix socket is created with mode 0600 (so only this user may connect), its
+    directory, when missing, with 0700; a socket a live server answers on is not taken over.
+    """
+    path = config.unix_socket
+    if path:
+        address = f"unix:{path}"
+        _refuse_live_socket(path)
+        Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # umask, not chmod after bind: no moment in which another user could connect.
+        umask = os.umask(0o177)
+    else:
+        address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
+    flags = f"--host {config.host}" + ("" if path else f" --port {config.port}")
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise ValueError(f"{flags}: cannot bind {address}: {exc}") from exc
+    finally:
+        if path:
+            os.umask(umask)
+    if not port:
+        raise ValueError(f"{flags}: cannot bind {address}")
+    if not path:
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        return f"{host}:{port}", port, None
+    os.chmod(path, 0o600)  # whatever gRPC did: the same user only
+    return address, 0, _SocketFile(path)
+
+
+def _refuse_live_socket(path: str) -> None:
+    """gRPC replaces an existing socket file; do not take over one a running server answers on."""
+    if not os.path.exists(path):
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return  # stale: left by a server that died
+    raise ValueError(f"--host unix:{path}: a server is already listening on this socket")
 
 
 class StartupInterrupted(Exception):
@@ -359,7 +470,7 @@ def _startup_checks(registry: Registry, timeout_s: float, stopping: threading.Ev
     return unavailable
 
 
-def serve(config: ServerConfig) -> int:
+def serve(config: ServerConfig, *, on_started: Callable[[RunningServer], None] | None = None) -> int:
     """Run a server until SIGTERM or SIGINT, then drain for ``config.grace_period_s`` seconds; returns the exit status.
 
     On the signal, health turns NOT_SERVING at once; calls in flight finish (up to the
@@ -367,7 +478,17 @@ def serve(config: ServerConfig) -> int:
     exits within about a second (:data:`EXIT_OK`). If a Function is still running when
     the grace period ends, the process exits at once with :data:`EXIT_FORCED` (this
     function does not return then).
+
+    With ``config.workers`` above 1 this process supervises that many worker processes
+    (see ``gradserve.server._workers``), each running this function with ``on_started``:
+    health then stays NOT_SERVING until ``on_started``'s caller turns it on. Workers are
+    started with ``spawn``, which imports the main module again: a script calling this
+    with workers must do so under ``if __name__ == "__main__":``.
     """
+    if config.workers > 1 and on_started is None:
+        from ._workers import supervise
+
+        return supervise(config)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -380,7 +501,8 @@ def serve(config: ServerConfig) -> int:
     # Many threads share the GIL (uploads, decoding, Functions); a health check needs it a
     # few times. Switching every 1 ms instead of 5 keeps its wait short under load.
     sys.setswitchinterval(0.001)
-    torch.set_num_threads(config.intra_op_threads or cpu_quota())
+    # Worker processes share the CPUs: by default each gets its part of the quota.
+    torch.set_num_threads(config.intra_op_threads or max(1, cpu_quota() // config.workers))
     log.info("torch intra-op threads: %d", torch.get_num_threads())
     # Loading and checks run in a thread, so a signal is acted on at once: an import or a
     # check can take minutes, and Python cannot interrupt either.
@@ -389,7 +511,7 @@ def serve(config: ServerConfig) -> int:
 
     def start() -> None:
         try:
-            started.append(create_server(config, stopping=stop))
+            started.append(create_server(config, stopping=stop, hold_health=on_started is not None))
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             failed.append(exc)
 
@@ -406,7 +528,10 @@ def serve(config: ServerConfig) -> int:
     # What start-up made (torch, the Functions' modules) lives as long as the process:
     # out of the collector's sight, full collections stay short while calls wait on them.
     gc.freeze()
-    print(f"gradserve listening on {config.host}:{running.port}", flush=True)
+    if on_started is None:
+        print(f"gradserve listening on {running.address}", flush=True)
+    else:
+        on_started(running)
     stop.wait()
     if not running.stop(config.grace_period_s, config.drain_delay_s):
         log.warning(

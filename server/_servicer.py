@@ -53,6 +53,10 @@ ERROR_DOMAIN = "gradserve.dev"
 R = TypeVar("R")
 
 
+# Method names a refusal may be counted under (the rest are "unknown"): ours, health's, reflection's.
+_SERVED_METHODS = frozenset(
+    [m.name for m in pb.DESCRIPTOR.services_by_name["GradientService"].methods] + ["Check", "Watch", "ServerReflectionInfo"]
+)
 _MAX_MESSAGE_CHARS = 2000  # status messages travel in trailers, which clients cap at 16 KiB
 
 
@@ -270,7 +274,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def record_refusal(self, method_path: str, code: grpc.StatusCode) -> None:
         """Count a call an interceptor refused (bad token, server busy), under its method name."""
         if self.metrics is not None:
-            self.metrics.observe("", method_path.rsplit("/", 1)[-1][:64], code.name, 0.0, 0, 0)
+            method = method_path.rsplit("/", 1)[-1]
+            # An interceptor sees any path a caller sends: only served method names become label values.
+            self.metrics.observe("", method if method in _SERVED_METHODS else "unknown", code.name, 0.0, 0, 0)
             if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 self.metrics.auth_refusals.labels(code.name).inc()
 

@@ -6,6 +6,7 @@ Served by in-process test servers and, through ``--functions gradserve_test_func
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -217,3 +218,9 @@ def square_after_signal(x: torch.Tensor, path: str, seconds: float) -> torch.Ten
     open(path, "x").close()  # noqa: SIM115
     time.sleep(seconds)
     return x * x
+
+
+@register("worker_pid")
+def worker_pid(x: torch.Tensor) -> torch.Tensor:
+    """2x + the serving process's pid (tests of ``--workers``: which process ran the call). Send float64."""
+    return 2 * x + os.getpid()

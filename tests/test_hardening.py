@@ -741,3 +741,23 @@ def test_concurrency_cap_defaults_follow_the_compute_slots() -> None:
     assert ServerConfig(max_workers=2, max_concurrent_rpcs=3).concurrent_rpcs == 3
     with pytest.raises(ValueError, match="--max-concurrent-rpcs 3 is below --max-workers 4"):
         ServerConfig(max_workers=4, max_concurrent_rpcs=3)
+
+
+def test_refused_calls_to_unknown_methods_grow_no_label_set() -> None:
+    running = start(auth_tokens="t1")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            for method in ("/gradserve.v1.GradientService/Forward", "/evil.Service/Label\nInjection"):
+                with pytest.raises(grpc.RpcError) as info:
+                    channel.unary_unary(method)(b"", timeout=10)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        samples = {
+            s.labels["method"]: s.value
+            for metric in running.metrics.registry.collect()
+            if metric.name == "gradserve_requests"
+            for s in metric.samples
+            if s.name == "gradserve_requests_total"
+        }
+        assert samples == {"Forward": 1.0, "unknown": 1.0}  # the caller's path is no label value
+    finally:
+        running.stop(0)

@@ -7,7 +7,7 @@ Part of the contract's Python encoding, like the codec: the client SDK and the s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -86,10 +86,31 @@ class ChannelSettings:
         return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
 
     def open_channel(self, target: str, api: Any = grpc) -> Any:
-        """A channel to ``target`` from ``api``: ``grpc`` (sync) or ``grpc.aio`` (asyncio)."""
+        """A channel to ``target`` from ``api``: ``grpc`` (sync) or ``grpc.aio`` (asyncio).
+
+        Over TLS, a ``unix:`` target's certificate is checked for the name ``localhost``
+        (gRPC would check the socket's path), unless ``options`` name another
+        (``grpc.default_authority`` or ``grpc.ssl_target_name_override``).
+        """
         if self.secure:
-            return api.secure_channel(target, self.credentials(), options=self.channel_options())
+            options = self.channel_options()
+            named = any(k in ("grpc.default_authority", "grpc.ssl_target_name_override") for k, _ in options)
+            if target.startswith("unix:") and not named:
+                options.append(("grpc.default_authority", "localhost"))
+            return api.secure_channel(target, self.credentials(), options=options)
         return api.insecure_channel(target, options=self.channel_options())
+
+    def open_channels(self, target: str, api: Any, count: int) -> list[Any]:
+        """``count`` channels to ``target``, each on a TCP connection (or unix socket connection) of its own.
+
+        gRPC shares one connection among channels with equal settings; a subchannel pool of
+        each channel's own keeps them apart, so a server's worker processes (which take
+        whole connections) each get some.
+        """
+        if count == 1:
+            return [self.open_channel(target, api)]
+        own = replace(self, options=[*self.options, ("grpc.use_local_subchannel_pool", 1)])
+        return [own.open_channel(target, api) for _ in range(count)]
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
