@@ -50,6 +50,7 @@ class AsyncGradientClient:
         self._core = ClientCore(target, timeout, settings, stream_threshold_bytes, wait_for_server_s)
         self._channel = settings.open_channel(target, grpc.aio)
         self._stub = pb_grpc.GradientServiceStub(self._channel)
+        self._stream_call = streaming.open_stream_call(self._channel)  # data chunks framed without protobuf copies
 
     @property
     def target(self) -> str:
@@ -107,7 +108,7 @@ class AsyncGradientClient:
         try:
             if plan.payloads is None:
                 return plan.read(await getattr(self._stub, plan.method)(plan.request, **options), None)
-            call = self._stub.StreamCall(**options)
+            call = self._stream_call(**options)
             messages = plan.stream_requests()
             try:
                 await call.write(next(messages))

@@ -94,6 +94,7 @@ class GradientClient:
         self._owns_channel = channel is None
         self._channel = channel or settings.open_channel(target, grpc)
         self._stub = pb_grpc.GradientServiceStub(self._channel)
+        self._stream_call = streaming.open_stream_call(self._channel)  # data chunks framed without protobuf copies
         self._releasing: set[grpc.Future] = set()
         self._closed = False
 
@@ -258,7 +259,7 @@ class GradientClient:
             if plan.payloads is None:
                 return plan.read(getattr(self._stub, plan.method)(plan.request, **options), None)
             verdict: queue.SimpleQueue[bool] = queue.SimpleQueue()
-            responses = self._stub.StreamCall(_after_acceptance(plan.stream_requests(), verdict), **options)
+            responses = self._stream_call(_after_acceptance(plan.stream_requests(), verdict), **options)
             accepted = False
             try:
                 accepted = streaming.accepted(responses.initial_metadata())  # blocks until accepted or refused
