@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import grpc
 import torch
@@ -48,8 +48,6 @@ __all__ = ["ERROR_DOMAIN", "GradientServicer"]
 log = logging.getLogger("gradserve.calls")
 
 ERROR_DOMAIN = "gradserve.dev"
-
-R = TypeVar("R")
 
 
 _MAX_MESSAGE_CHARS = 2000  # status messages travel in trailers, which clients cap at 16 KiB
@@ -170,7 +168,7 @@ def _rpc(method: Callable[..., Message]) -> Callable[[Any, Any, grpc.ServicerCon
     into a status. Returns the reply serialised (the server passes it on as it is: ``streaming.serialize``)."""
 
     @functools.wraps(method)
-    def wrapper(self: GradientServicer, request: Any, context: grpc.ServicerContext) -> R:
+    def wrapper(self: GradientServicer, request: Any, context: grpc.ServicerContext) -> bytes:
         call = _CallRecord(self, method.__name__, context)
         call.named(getattr(request, "function", ""))
         call.bytes_in = request.ByteSize() if isinstance(request, Message) else 0

@@ -92,7 +92,8 @@ def test_device_cuda_without_a_gpu_skips_with_a_message() -> None:
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the skip path is not taken")
-    result = subprocess.run([sys.executable, str(BENCH), "--device", "cuda"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    argv = [sys.executable, str(BENCH), "--device", "cuda"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--device cuda: skipped" in result.stdout
 

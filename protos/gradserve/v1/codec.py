@@ -403,7 +403,9 @@ def encode_value(
     elif value is None:
         msg.null_value = struct_pb2.NULL_VALUE
     else:
-            raise CodecError(f"arguments must be tensors, numpy arrays, bool, int, float, str or None; got {type(value).__name__}")
+            raise CodecError(
+            f"arguments must be tensors, numpy arrays, bool, int, float, str or None; got {type(value).__name__}"
+        )
     return msg
 
 
