@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import gc
 import math
 import os
@@ -65,6 +66,7 @@ DEFAULT_OUT = HERE / "out"
 
 ECHO_SERVICE = "gradserve.bench.Echo"
 ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
+ECHO_MIN_BYTES = 64
 UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 RPC_WORKER = "rpc_worker"
 HUGE_N = 250_000_000
@@ -73,19 +75,23 @@ GRPC_MAX_INT = 2**31 - 1
 MiB = 1024 * 1024
 
 METHODS = ("local", "echo", "gs_fwd_bwd", "gs_fb", "torch_rpc")
+# Methods measured only when the code under test has the feature (Features): run() appends them to METHODS.
+OPTIONAL_METHODS = {"gs_shm": "shared_memory"}
 LABELS = {
     "local": "(a) local",
     "echo": "(b) echo",
     "gs_fwd_bwd": "(c) gs F+B",
     "gs_fb": "(d) gs FB",
     "torch_rpc": "(e) torch rpc",
+    "gs_shm": "(f) gs F+B shm",
 }
 LEGEND = {
     "local": "local autograd forward + backward of examples.Square (no network): the limit",
-    "echo": "raw gRPC unary echo of the tensor's bytes, generic handler: the transport limit",
+    "echo": "raw gRPC unary echo of the tensor's bytes (at least 64 B), generic handler: the transport limit",
     "gs_fwd_bwd": "gradserve client.function('square')(x).backward(ones): Forward (graph kept), then Backward",
     "gs_fb": "gradserve client.forward_backward('square', x): one ForwardBackward round trip",
     "torch_rpc": "torch.distributed.rpc + dist_autograd: remote x * x, dist_autograd.backward, get_gradients",
+    "gs_shm": "as (c), with GradientClient(target, shared_memory=True): tensors through same-host shared memory",
 }
 
 
@@ -117,6 +123,12 @@ def fmt_ms(s: float) -> str:
     if ms >= 1:
         return f"{ms:.2f}"
     return f"{ms:.3f}"
+
+
+def echo_payload(x: Any) -> bytes:
+    """What the echo server gets for tensor ``x``: its bytes, at least 64 (about a 1-element ForwardBackward request)."""
+    raw = x.detach().numpy().tobytes()
+    return raw if len(raw) >= ECHO_MIN_BYTES else raw.ljust(ECHO_MIN_BYTES, b"\0")
 
 
 def free_port() -> int:
@@ -266,6 +278,50 @@ def rpc_worker_main(port: int, transports: str, timeout_s: float) -> int:
     return 0
 
 
+def load_client_main(args: argparse.Namespace) -> int:
+    """``bench.py --load-client KIND``: one of the load processes; prints "ready", waits for "go" on
+    stdin, runs ``--load-threads`` threads of calls for ``--load-seconds`` and prints the count."""
+    import torch
+
+    x = torch.rand(args.small_n).add_(0.5).requires_grad_()
+    if args.load_client == "echo":
+        import grpc
+
+        channel = grpc.insecure_channel(args.load_target, options=UNLIMITED)
+        stub = channel.unary_unary(ECHO_METHOD)
+        payload = echo_payload(x)
+        call: Callable[[], Any] = lambda: stub(payload, timeout=60)  # noqa: E731
+    else:
+        from gradserve.client import GradientClient
+
+        kwargs = {"connections": args.load_connections} if args.load_connections > 1 else {}
+        client = GradientClient(args.load_target, timeout=60, **kwargs)
+        call = lambda: client.forward_backward("square", x)  # noqa: E731
+    for _ in range(20):  # connect and warm up before the others are told to go
+        call()
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        return 1
+    calls, seconds = measure_throughput(call, args.load_threads, args.load_seconds)
+    print(f"calls {calls} seconds {seconds:.6f}", flush=True)
+    return 0
+
+
+def local_rss_main(n: int) -> int:
+    """``bench.py --local-rss N``: peak RSS of local ``examples.Square`` forward + backward (upstream
+    gradient: broadcast ones, as ForwardBackward's default) in this fresh process: the math's own floor."""
+    import torch
+
+    from gradserve.server.examples import Square
+
+    Square.apply(torch.ones(4, requires_grad=True)).backward(torch.ones(4))  # warm the code paths
+    before = proc_status(os.getpid())["VmRSS"]
+    x = torch.rand(n).add_(0.5).requires_grad_()  # as the server's decoded argument
+    Square.apply(x).backward(torch.ones(()).expand(n))
+    print(f"rss before {before} peak {proc_status(os.getpid())['VmHWM']}", flush=True)
+    return 0
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -313,21 +369,57 @@ def spawn(name: str, argv: list[str], out: Path, env: dict[str, str] | None = No
         proc.stop()
 
 
-def gradserve_argv(max_bytes: int) -> list[str]:
+def gradserve_argv(max_bytes: int, device: str = "cpu", extra: tuple[str, ...] = ()) -> list[str]:
     return [
         sys.executable, "-m", "gradserve.server._cli", "serve",
-        "--host", "127.0.0.1", "--port", "0", "--device", "cpu",
+        "--host", "127.0.0.1", "--port", "0", "--device", device,
         "--functions", "gradserve.server.examples",
         "--max-request-bytes", str(max_bytes), "--max-tensor-bytes", str(max_bytes),
-        "--grace-period-s", "0",
+        "--grace-period-s", "0", *extra,
     ]
 
 
 @contextmanager
-def gradserve_server(out: Path, max_bytes: int, name: str = "gradserve-server") -> Iterator[tuple[Proc, str]]:
-    with spawn(name, gradserve_argv(max_bytes), out) as proc:
+def gradserve_server(
+    out: Path, max_bytes: int, name: str = "gradserve-server", device: str = "cpu", extra: tuple[str, ...] = ()
+) -> Iterator[tuple[Proc, str]]:
+    with spawn(name, gradserve_argv(max_bytes, device, extra), out) as proc:
         match = proc.wait_for_line(LISTENING, timeout_s=120)
         yield proc, f"127.0.0.1:{match.group(1)}"
+
+
+# --------------------------------------------------------------------------- features of the code measured
+
+
+@dataclass(frozen=True)
+class Features:
+    """What the gradserve under test offers; a goal needing a missing feature prints "n/a (feature not present)"."""
+
+    workers: bool  # gradserve serve --workers N
+    connections: bool  # GradientClient(target, connections=N)
+    shared_memory: bool  # GradientClient(target, shared_memory=True)
+    unix: bool  # unix: targets (the server's --help mentions them)
+
+    @classmethod
+    def detect(cls) -> Features:
+        import inspect
+
+        from gradserve.client import GradientClient
+        from gradserve.server._config import add_serve_arguments
+
+        parser = argparse.ArgumentParser(prog="gradserve serve")
+        add_serve_arguments(parser)
+        serve_help = parser.format_help()
+        params = inspect.signature(GradientClient).parameters
+        return cls(
+            workers=re.search(r"--workers\b", serve_help) is not None,
+            connections="connections" in params,
+            shared_memory="shared_memory" in params,
+            unix="unix:" in serve_help,
+        )
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {'yes' if on else 'no'}" for name, on in dataclasses.asdict(self).items())
 
 
 # --------------------------------------------------------------------------- methods
@@ -344,9 +436,11 @@ class Case:
 @dataclass
 class Env:
     args: argparse.Namespace
+    features: Features
     gs_target: str = ""
     echo_target: str = ""
     gs_client: Any = None
+    shm_client: Any = None
     echo_channel: Any = None
     echo_stub: Any = None
     rpc_ready: bool = False
@@ -382,7 +476,7 @@ def make_case(env: Env, method: str, x: Any, ones: Any) -> Case:
         return Case(call, lambda: check(x.grad, "x.grad"))
 
     if method == "echo":
-        payload = x.detach().numpy().tobytes()
+        payload = echo_payload(x)
         state: dict[str, Any] = {}
 
         def call() -> float:
@@ -399,8 +493,8 @@ def make_case(env: Env, method: str, x: Any, ones: Any) -> Case:
 
         return Case(call, verify)
 
-    if method == "gs_fwd_bwd":
-        square = env.gs_client.function("square")
+    if method in ("gs_fwd_bwd", "gs_shm"):
+        square = (env.shm_client if method == "gs_shm" else env.gs_client).function("square")
 
         def call() -> float:
             x.grad = None
@@ -598,7 +692,7 @@ def throughput_section(env: Env, report: Report) -> list[Throughput]:
     args = env.args
     n = args.small_n
     x = torch.rand(n).add_(0.5).requires_grad_()
-    payload = x.detach().numpy().tobytes()
+    payload = echo_payload(x)
     timeout = args.call_timeout_s
     calls = {
         "echo": lambda: env.echo_stub(payload, timeout=timeout),
@@ -619,6 +713,75 @@ def throughput_section(env: Env, report: Report) -> list[Throughput]:
             + ", ".join(f"{LABELS[m]} {pair[m].per_s:,.0f} calls/s" if not pair[m].error else f"{LABELS[m]} ERR"
                         for m in calls)
         )
+    return results
+
+
+@dataclass
+class Load:
+    """Calls/s of several client processes, each with several threads, against one server."""
+
+    name: str  # echo, gs, gs_workers2
+    what: str
+    per_s: float = 0.0
+    error: str = ""
+
+
+def multi_process_load(
+    env: Env, kind: str, target: str, procs: int, threads: int, seconds: float, connections: int = 1
+) -> float:
+    """Calls/s of ``procs`` load processes (``--load-client``) of ``threads`` threads each, started
+    together once all are connected and warm; the sum of each process's own rate."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--load-client", kind, "--load-target", target,
+            "--load-threads", str(threads), "--load-seconds", str(seconds), "--load-connections", str(connections),
+            "--small-n", str(env.args.small_n)]
+    popens = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+              for _ in range(procs)]
+    try:
+        for p in popens:
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"load client exited with {p.wait(timeout=30)} before it was ready")
+        for p in popens:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        rate = 0.0
+        for p in popens:
+            match = re.match(r"calls (\d+) seconds ([\d.]+)", p.stdout.readline())
+            if not match:
+                raise RuntimeError(f"load client exited with {p.wait(timeout=30)} without a count")
+            rate += int(match.group(1)) / float(match.group(2))
+        return rate
+    finally:
+        for p in popens:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)
+
+
+def load_section(env: Env, out: Path, max_bytes: int, report: Report) -> list[Load]:
+    """Calls/s of --load-procs x --load-threads callers: the raw echo server, gradserve, and gradserve
+    with --workers 2 (when the server has the flag; the client then opens one connection per worker)."""
+    args = env.args
+    procs, threads, seconds = args.load_procs, args.load_threads, args.throughput_s
+    results: list[Load] = []
+
+    def one(name: str, what: str, kind: str, target: str, connections: int = 1) -> None:
+        load = Load(name, what)
+        try:
+            load.per_s = multi_process_load(env, kind, target, procs, threads, seconds, connections)
+            report(f"  {what}: {load.per_s:,.0f} calls/s")
+        except Exception as exc:  # noqa: BLE001
+            load.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            report(f"  {what}: ERR {load.error}")
+        results.append(load)
+
+    one("echo", "(b) echo, one process", "echo", env.echo_target)
+    one("gs", "(d) gs FB, one server process", "gs", env.gs_target)
+    if env.features.workers:
+        with gradserve_server(out, max_bytes, "gradserve-workers2", args.device, ("--workers", "2")) as (_, target):
+            one("gs_workers2", "(d) gs FB, --workers 2", "gs", target, 2 if env.features.connections else 1)
+    else:
+        results.append(Load("gs_workers2", "(d) gs FB, --workers 2", error="n/a (feature not present)"))
+        report("  (d) gs FB, --workers 2: n/a (feature not present)")
     return results
 
 
@@ -682,7 +845,89 @@ def memory_section(env: Env, out: Path, n: int, max_bytes: int, report: Report, 
                 + ("" if mem.fresh else "  [shared server: peak includes the latency sweep]")
             )
         gc.collect()
+    local = Memory("local", n, fresh=True)
+    try:
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--local-rss", str(n)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=900)
+        match = re.search(r"rss before (\d+) peak (\d+)", done.stdout)
+        if not match:
+            raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-300:]}")
+        local.baseline, local.peak = int(match.group(1)), int(match.group(2))
+        report(f"  {LABELS['local']} in a fresh process (the math's own floor): peak {fmt_bytes(local.peak)} = "
+               f"{local.peak / local.nbytes:.2f}x the tensor "
+               f"(peak - before = {(local.peak - local.baseline) / local.nbytes:.2f}x)")
+    except Exception as exc:  # noqa: BLE001
+        local.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        report(f"  {LABELS['local']}: ERR {local.error}")
+    results.append(local)
     return results
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+def cuda_section(sizes: list[int], report: Report) -> list[dict[str, Any]]:
+    """Host-device transfers (pinned and pageable) and the VJP of examples.Square on the GPU, against
+    the time its memory traffic takes at the device's own copy bandwidth. Medians of CUDA-event timings."""
+    import torch
+
+    from gradserve.server.examples import Square
+
+    dev = torch.device("cuda")
+    report(f"GPU: {torch.cuda.get_device_name(dev)}, CUDA {torch.version.cuda}")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def timed(fn: Callable[[], Any], reps: int) -> float:
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(times)
+
+    def one_size(n: int) -> dict[str, Any]:
+        nbytes = 4 * n
+        reps = 20 if n <= 10_000_000 else 5
+        pinned, pageable = torch.rand(n).pin_memory(), torch.rand(n)
+        pinned_out, pageable_out = torch.empty(n, pin_memory=True), torch.empty(n)
+        d, d2 = torch.empty(n, device=dev), torch.empty(n, device=dev)
+        row: dict[str, Any] = {"n": n, "nbytes": nbytes}
+        row["h2d_pinned_s"] = timed(lambda: d.copy_(pinned, non_blocking=True), reps)
+        row["h2d_pageable_s"] = timed(lambda: d.copy_(pageable), reps)
+        row["d2h_pinned_s"] = timed(lambda: pinned_out.copy_(d, non_blocking=True), reps)
+        row["d2h_pageable_s"] = timed(lambda: pageable_out.copy_(d), reps)
+        row["d2d_s"] = timed(lambda: d2.copy_(d), reps)  # reads and writes nbytes
+        x = d.add(0.5).requires_grad_()
+        ones = torch.ones((), device=dev).expand(n)
+
+        def vjp() -> None:
+            x.grad = None
+            Square.apply(x).backward(ones)
+
+        row["vjp_s"] = timed(vjp, reps)
+        # Square forward reads x and writes y; backward reads x, writes the product and scales it in
+        # place (a read and a write): 6 x nbytes of traffic (broadcast ones are not read from memory).
+        row["vjp_bound_s"] = 6 * nbytes / (2 * nbytes / row["d2d_s"])
+        return row
+
+    rows = []
+    for n in sizes:
+        row = one_size(n)
+        torch.cuda.empty_cache()
+        nbytes = row["nbytes"]
+        gbps = {k: nbytes / row[k] / 1e9 for k in ("h2d_pinned_s", "h2d_pageable_s", "d2h_pinned_s", "d2h_pageable_s")}
+        report(f"  n={fmt_n(n)} ({fmt_bytes(nbytes)}): H2D pinned {gbps['h2d_pinned_s']:.1f} GB/s, pageable "
+               f"{gbps['h2d_pageable_s']:.1f} GB/s; D2H pinned {gbps['d2h_pinned_s']:.1f} GB/s, pageable "
+               f"{gbps['d2h_pageable_s']:.1f} GB/s")
+        report(f"    VJP (examples.Square forward + backward) {fmt_ms(row['vjp_s'])} ms against {fmt_ms(row['vjp_bound_s'])} ms "
+               f"bandwidth-bound = {row['vjp_s'] / row['vjp_bound_s']:.2f}x "
+               f"(device copy {2 * nbytes / row['d2d_s'] / 1e9:.0f} GB/s)")
+        rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------- output
@@ -713,48 +958,124 @@ def latency_tables(stats: dict[int, dict[str, Stat]], report: Report) -> None:
             report(f"{fmt_n(n):>7} {fmt_bytes(4 * n):>10} " + "".join(f"{c:>{width}}" for c in cells))
 
 
-def targets(
-    stats: dict[int, dict[str, Stat]], tput: list[Throughput], mem: list[Memory], args: argparse.Namespace, report: Report
-) -> None:
-    report("Targets (issue 4, item 6), from this run")
+@dataclass
+class Results:
+    """Everything one run measured: what the goals are computed from."""
 
-    def med(n: int, m: str) -> float | None:
-        s = stats.get(n, {}).get(m)
+    args: argparse.Namespace
+    features: Features
+    stats: dict[int, dict[str, Stat]]
+    tput: list[Throughput]
+    load: list[Load]
+    mem: list[Memory]
+
+    def median(self, n: int, method: str) -> float | None:
+        s = self.stats.get(n, {}).get(method)
         return s.median if s is not None and s.times else None
 
-    def line(name: str, value: float | None, limit: float, op: str, note: str = "") -> None:
+    def latency_ratio(self, n: int, method: str, base: str) -> tuple[float | None, str]:
+        """Ratio of medians of ``method`` over ``base`` at n elements, or why there is none."""
+        feature = OPTIONAL_METHODS.get(method)
+        if feature and not getattr(self.features, feature):
+            return None, "n/a (feature not present)"
+        if n not in self.stats:
+            return None, f"not measured: needs n={fmt_n(n)} in --sizes"
+        a, b = self.median(n, method), self.median(n, base)
+        if a is None or b is None:
+            return None, "not measured: " + (self.stats[n][method].error or self.stats[n][base].error)
+        return a / b, ""
+
+    def load_ratio(self, name: str, base: str) -> tuple[float | None, str]:
+        by = {x.name: x for x in self.load}
+        a, b = by.get(name), by.get(base)
+        if a is None or b is None:
+            return None, "not measured"
+        if a.error or b.error:
+            return None, a.error if a.error.startswith("n/a") else f"not measured: {a.error or b.error}"
+        return a.per_s / b.per_s, ""
+
+    def rss_ratio(self, method: str) -> tuple[float | None, str]:
+        m = next((m for m in self.mem if m.method == method), None)
+        if m is None or m.error:
+            return None, f"not measured: {m.error if m else 'no memory run'}"
+        value = m.peak / m.nbytes
+        if m.nbytes < 900 * MiB or not m.fresh:  # the idle interpreter's ~300 MiB would dwarf a small tensor
+            return value, (f"NOT JUDGED at {fmt_bytes(m.nbytes)}: needs --huge or --rss-n 2.5e8 "
+                           f"(growth over the idle server: {(m.peak - m.baseline) / m.nbytes:.2f}x)")
+        return value, f"growth over the idle server: {(m.peak - m.baseline) / m.nbytes:.2f}x"
+
+    def unix_ratio(self) -> tuple[float | None, str]:
+        return None, "n/a (feature not present)" if not self.features.unix else "not measured yet (add the unix: server)"
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One goal: a ratio measured side by side in this run, and its limit (op None: measured, no limit)."""
+
+    name: str
+    ratio: Callable[[Results], tuple[float | None, str]]
+    op: str | None = "<="
+    limit: float = 1.0
+
+    def verdict(self, value: float | None, note: str) -> str:
         if value is None:
-            report(f"  {name:<58} {'n/a':>7}   target {op} {limit:g}  NOT MEASURED{note}")
-            return
-        ok = value <= limit if op == "<=" else value >= limit
-        report(f"  {name:<58} {value:>6.2f}x   target {op} {limit:g}x  {'MET' if ok else 'MISSED'}{note}")
+            return note or "not measured"
+        if self.op is None or note.startswith("NOT JUDGED"):
+            return "measured" if self.op is None else "not judged"
+        return "met" if (value <= self.limit if self.op == "<=" else value >= self.limit) else "missed"
 
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b is not None and b > 0 else None
 
-    small = min(stats) if stats else args.small_n
-    smalls = sorted({small, *(n for n in stats if n <= 1000)})
-    for n in smalls:
-        line(f"small (n={fmt_n(n)}) ForwardBackward / raw echo", ratio(med(n, "gs_fb"), med(n, "echo")), 1.2, "<=")
-    for n in smalls:
-        line(f"small (n={fmt_n(n)}) ForwardBackward / torch rpc fwd+bwd", ratio(med(n, "gs_fb"), med(n, "torch_rpc")), 0.6, "<=")
-    big = 10_000_000
-    note = "" if big in stats else f"  (needs n={fmt_n(big)}; not in this run)"
-    line("n=1e7 Forward+Backward / torch rpc fwd+bwd", ratio(med(big, "gs_fwd_bwd"), med(big, "torch_rpc")), 1.0, "<=", note)
-    for m in mem:
-        name = f"server peak RSS / tensor size, {fmt_bytes(m.nbytes)} {LABELS[m.method]}"
-        if m.n >= HUGE_N:
-            line(name, None if m.error else m.peak / m.nbytes, 3.0, "<=")
-        elif m.error:
-            line(name, None, 3.0, "<=")
-        else:  # the interpreter's own ~250 MiB dwarfs a small tensor: show the growth, judge nothing
-            report(f"  {name:<58} {m.peak / m.nbytes:>6.2f}x   target <= 3x  NOT JUDGED: the 1 GB case needs --huge "
-                   f"(growth over the idle server: {(m.peak - m.baseline) / m.nbytes:.2f}x)")
-    by = {(t.method, t.callers): t for t in tput if not t.error}
-    most = max(args.callers)
-    g, e = by.get(("gs_fb", most)), by.get(("echo", most))
-    value = ratio(g.per_s if g else None, e.per_s if e else None)
-    line(f"calls/s at {most} callers, ForwardBackward / raw echo", value, 0.8, ">=")
+# The goals of issue 13 (and the one of issue 4 still standing), in the issue's order. A new
+# measure is one entry here (and, if it needs a new measurement, a method or a load run).
+GOALS = (
+    Goal("ForwardBackward, 1 element, vs a raw gRPC unary echo of 64 B",
+         lambda r: r.latency_ratio(1, "gs_fb", "echo"), "<=", 1.2),
+    Goal("ForwardBackward, 1e6 float32, vs a raw echo of the same 4 MB",
+         lambda r: r.latency_ratio(1_000_000, "gs_fb", "echo"), "<=", 1.5),
+    Goal("client.function forward + backward, 1e7 float32, vs torch.distributed.rpc + dist_autograd",
+         lambda r: r.latency_ratio(10_000_000, "gs_fwd_bwd", "torch_rpc"), "<=", 1.0),
+    Goal("the same with same-host shared memory",
+         lambda r: r.latency_ratio(10_000_000, "gs_shm", "torch_rpc"), "<=", 0.4),
+    Goal("calls/s, 4 client processes x 8 threads, --workers 2, vs the single-process raw echo server",
+         lambda r: r.load_ratio("gs_workers2", "echo"), ">=", 0.8),
+    Goal("the same, one server process (no --workers): where it stands today",
+         lambda r: r.load_ratio("gs", "echo"), None),
+    Goal("ForwardBackward, 1e6 float32, unix socket vs TCP loopback", lambda r: r.unix_ratio(), None),
+    Goal("server peak RSS, ForwardBackward on a 1 GiB tensor, / tensor size",
+         lambda r: r.rss_ratio("gs_fb"), "<=", 3.0),
+    Goal("ForwardBackward, 1 element, vs torch rpc forward + backward (issue 4)",
+         lambda r: r.latency_ratio(1, "gs_fb", "torch_rpc"), "<=", 0.6),
+)
+
+
+def goals(results: Results, report: Report) -> list[tuple[Goal, float | None, str, str]]:
+    """Print each goal as a ratio from this run with its verdict; returns (goal, value, verdict, note) rows."""
+    report("Goals (issue 13), ratios of medians from this run")
+    rows = []
+    for goal in GOALS:
+        value, note = goal.ratio(results)
+        verdict = goal.verdict(value, note)
+        shown = f"{value:.2f}x" if value is not None else "-"
+        limit = f"{'<=' if goal.op == '<=' else '>='} {goal.limit:g}x" if goal.op else "(no goal)"
+        extra = f"  ({note})" if note and value is not None else ""
+        shown_verdict = verdict.upper() if verdict in ("met", "missed") else verdict
+        report(f"  {goal.name:<92} {shown:>7}  goal {limit:<9} {shown_verdict}{extra}")
+        rows.append((goal, value, verdict, note))
+    return rows
+
+
+def write_goals_csv(out: Path, rows: list[tuple[Goal, float | None, str, str]], load: list[Load]) -> None:
+    with open(out / "goals.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["goal", "ratio", "op", "limit", "verdict", "note"])
+        for goal, value, verdict, note in rows:
+            w.writerow([goal.name, f"{value:.4g}" if value is not None else "", goal.op or "", goal.limit if goal.op else "",
+                        verdict, note])
+    with open(out / "load.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "what", "calls_per_s", "error"])
+        for x in load:
+            w.writerow([x.name, x.what, f"{x.per_s:.6g}" if not x.error else "", x.error])
 
 
 def write_csvs(out: Path, stats: dict[int, dict[str, Stat]], tput: list[Throughput], mem: list[Memory]) -> None:
@@ -850,6 +1171,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--callers", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8, 32])
     p.add_argument("--throughput-s", type=float, default=None, help="seconds per throughput point (default 3; smoke 0.25)")
     p.add_argument("--call-timeout-s", type=float, default=None)
+    p.add_argument("--rss-n", type=lambda s: int(float(s)), default=None,
+                   help=f"elements of the peak-RSS round trip (default {fmt_n(HUGE_N)} with --huge, else the largest size)")
+    p.add_argument("--load-procs", type=int, default=None, help="client processes of the multi-process load (default 4; smoke 2)")
+    p.add_argument("--load-threads", type=int, default=None, help="threads per load process (default 8; smoke 2)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="the gradserve server's device; cuda also times pinned/pageable transfers and the VJP "
+                   "against its bandwidth-bound time (default sizes 1e6,1e8); skipped with a message without a GPU")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--verbose", action="store_true", help="tracebacks of failed measurements")
     # subprocess roles
@@ -857,10 +1185,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--echo-workers", type=int, default=16, help="echo server threads (gradserve's default max_workers)")
     p.add_argument("--rpc-worker", type=int, metavar="PORT", default=None, help=argparse.SUPPRESS)
     p.add_argument("--rpc-timeout-s", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--load-client", choices=("echo", "gs"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--load-target", default="", help=argparse.SUPPRESS)
+    p.add_argument("--load-seconds", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--load-connections", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--local-rss", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     smoke = a.smoke
     if a.sizes is None:
-        a.sizes = [1, 1000] if smoke else [1, 1000, 100_000, 1_000_000, 10_000_000]
+        cpu_sizes = [1, 1000, 100_000, 1_000_000, 10_000_000]
+        a.sizes = [1, 1000] if smoke else ([1_000_000, 100_000_000] if a.device == "cuda" else cpu_sizes)
+    a.load_procs = a.load_procs if a.load_procs is not None else (2 if smoke else 4)
+    a.load_threads = a.load_threads if a.load_threads is not None else (2 if smoke else 8)
     if a.huge and HUGE_N not in a.sizes:
         a.sizes.append(HUGE_N)
     a.sizes = sorted(set(a.sizes))
@@ -880,23 +1216,38 @@ def main(argv: list[str] | None = None) -> int:
         return echo_server_main(args.echo_workers)
     if args.rpc_worker is not None:
         return rpc_worker_main(args.rpc_worker, args.rpc_transports, args.rpc_timeout_s)
+    if args.load_client is not None:
+        return load_client_main(args)
+    if args.local_rss is not None:
+        return local_rss_main(args.local_rss)
     return run(args)
 
 
 def run(args: argparse.Namespace) -> int:
+    global METHODS
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed")
     started = time.perf_counter()
     import grpc
+    import torch
 
     from gradserve.client import GradientClient
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: skipped, torch.cuda.is_available() is False (no GPU or no CUDA build here); "
+              "run it on a GPU machine, or without --device for the CPU benchmark", flush=True)
+        return 0
+    features = Features.detect()
+    METHODS = METHODS + tuple(m for m, feature in OPTIONAL_METHODS.items() if getattr(features, feature))
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     report = Report()
     machine = machine_description()
-    max_n = max(args.sizes + [args.small_n])
+    largest = max(args.sizes) if args.smoke else max(n for n in args.sizes if n < HUGE_N)
+    rss_n = args.rss_n or (HUGE_N if args.huge else largest)
+    max_n = max(args.sizes + [args.small_n, rss_n])
     # Room for the largest message: a ForwardBackward response carries output and gradient.
     max_bytes = min(GRPC_MAX_INT, max(256 * MiB, 2 * 4 * max_n + 64 * MiB))
     report(f"gradserve benchmark{' (smoke)' if args.smoke else ''}: {machine}")
@@ -906,16 +1257,18 @@ def run(args: argparse.Namespace) -> int:
            f"reps {args.min_reps}-{args.max_reps}; torch rpc transports: {'skipped' if args.no_rpc else args.rpc_transports}")
     for m in METHODS:
         report(f"  {LABELS[m]:<14} {LEGEND[m]}")
+    report(f"gradserve features: {features.describe()}; server device {args.device}")
 
-    env = Env(args)
+    env = Env(args, features=features)
     stats: dict[int, dict[str, Stat]] = {}
     tput: list[Throughput] = []
     mem: list[Memory] = []
+    load: list[Load] = []
     rpc_started = False
     me = [sys.executable, str(Path(__file__).resolve())]
     with ExitStack() as stack:
         # Start the three servers at once: their start-ups (imports) overlap.
-        gs_proc = stack.enter_context(spawn("gradserve-server", gradserve_argv(max_bytes), out))
+        gs_proc = stack.enter_context(spawn("gradserve-server", gradserve_argv(max_bytes, args.device), out))
         echo_argv = me + ["--echo-server", "--echo-workers", str(args.echo_workers)]
         echo_proc = stack.enter_context(spawn("echo-server", echo_argv, out))
         rpc_proc = None
@@ -950,6 +1303,8 @@ def run(args: argparse.Namespace) -> int:
         env.gs_target = f"127.0.0.1:{gs_proc.wait_for_line(LISTENING, 120).group(1)}"
         env.echo_target = f"127.0.0.1:{echo_proc.wait_for_line(LISTENING, 60).group(1)}"
         env.gs_client = stack.enter_context(GradientClient(env.gs_target, timeout=args.call_timeout_s))
+        if features.shared_memory:
+            env.shm_client = stack.enter_context(GradientClient(env.gs_target, timeout=args.call_timeout_s, shared_memory=True))
         env.echo_channel = stack.enter_context(grpc.insecure_channel(env.echo_target, options=UNLIMITED))
         env.echo_stub = env.echo_channel.unary_unary(ECHO_METHOD)
         grpc.channel_ready_future(env.echo_channel).result(timeout=30)
@@ -968,9 +1323,17 @@ def run(args: argparse.Namespace) -> int:
         tput = throughput_section(env, report)
 
         report()
-        rss_n = HUGE_N if args.huge else (max(n for n in args.sizes if n < HUGE_N) if not args.smoke else max(args.sizes))
+        report(f"Throughput, n={fmt_n(args.small_n)} float32, {args.load_procs} client processes x {args.load_threads} threads, "
+               f"{args.throughput_s:g} s")
+        load = load_section(env, out, max_bytes, report)
+
+        report()
         report(f"gradserve server peak RSS (VmHWM), one round trip of n={fmt_n(rss_n)} float32")
         mem = memory_section(env, out, rss_n, max_bytes, report, gs_proc.pid if args.smoke else None)
+
+        if args.device == "cuda":
+            report()
+            cuda_section(args.sizes, report)
 
     report()
     latency_tables(stats, report)
@@ -984,17 +1347,19 @@ def run(args: argparse.Namespace) -> int:
         r = f"{vals[1].per_s / vals[0].per_s:.2f}x" if all(v and not v.error and v.per_s for v in vals) else "n/a"
         report(f"{c:>7} " + "".join(f"{x:>14}" for x in cells) + f"{r:>14}")
     report()
-    targets(stats, tput, mem, args, report)
+    goal_rows = goals(Results(args, features, stats, tput, load, mem), report)
 
     write_csvs(out, stats, tput, mem)
+    write_goals_csv(out, goal_rows, load)
     png = None if args.no_plot else plot(out, stats, tput, machine)
     report()
-    report(f"wrote {out / 'latency.csv'}, throughput.csv, memory.csv"
+    report(f"wrote {out / 'latency.csv'}, throughput.csv, load.csv, memory.csv, goals.csv"
            + (f", {png.name}" if png else ("" if args.no_plot else " (no plot: matplotlib missing; pip install -e '.[bench]')")))
     report(f"total {time.perf_counter() - started:.1f} s; load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     (out / "report.txt").write_text("\n".join(report.lines) + "\n")
     failed = any(s.error and "unavailable" not in s.error for per in stats.values() for s in per.values())
     failed |= any(t.error for t in tput) or any(m.error for m in mem)
+    failed |= any(x.error and not x.error.startswith("n/a") for x in load)
     return 1 if failed else 0
 
 

@@ -800,7 +800,7 @@ def _hostile_patterns(target: str, stop: threading.Event, stats: ChaosStats, sca
             def messages() -> Any:
                 yield header
                 for chunk in streaming.chunks(payloads):
-                    yield pb.StreamRequest(data=chunk)
+                    yield pb.StreamRequest(data=bytes(chunk))
 
             _expect_codes(stats, "big_upload", {OK, EXHAUSTED, DEADLINE}, lambda: list(s.StreamCall(messages(), metadata=good_md, timeout=15)))
 

@@ -59,6 +59,8 @@ class AsyncGradientClient:
         )
         self._channels = self._core.open_channels(grpc.aio)
         self._stubs = [pb_grpc.GradientServiceStub(c) for c in self._channels]
+        # data chunks framed without protobuf copies
+        self._stream_calls = [streaming.open_stream_call(c) for c in self._channels]
 
     @property
     def target(self) -> str:
@@ -106,13 +108,12 @@ class AsyncGradientClient:
         """As ``GradientClient._run``, awaiting."""
         wait = self._core.startup_wait(timeout)
         index = self._core.connections.next()
-        connection = self._channels[index], self._stubs[index]
-        await self._probe(wait, connection)
+        await self._probe(wait, index)
         plan = self._core.prepare(plan)
         try:
             while True:
                 try:
-                    return await self._attempt(plan, wait, *connection)
+                    return await self._attempt(plan, wait, index)
                 except UnavailableError as error:
                     await asyncio.sleep(wait.retry_after(error))
                 except GradServeError as error:
@@ -120,20 +121,21 @@ class AsyncGradientClient:
         finally:
             release(plan)
 
-    async def _probe(self, wait: StartupWait, connection: tuple[grpc.aio.Channel, Any]) -> None:
+    async def _probe(self, wait: StartupWait, index: int) -> None:
         """As ``GradientClient._probe``, awaiting."""
         due = self._core.probe_plan()
         if due is None:
             return
         plan, nonce = due
         try:
-            self._core.shared_memory.probe_reply(await self._attempt(plan, wait, *connection), nonce)
+            self._core.shared_memory.probe_reply(await self._attempt(plan, wait, index), nonce)
         except GradServeError as error:
             self._core.shared_memory.probe_failed(error)
         finally:
             release(plan)
 
-    async def _attempt(self, plan: Plan, wait: StartupWait, channel: grpc.aio.Channel, stub: Any) -> Any:
+    async def _attempt(self, plan: Plan, wait: StartupWait, index: int) -> Any:
+        channel, stub, stream_call = self._channels[index], self._stubs[index], self._stream_calls[index]
         if channel.get_state(try_to_connect=True) is not grpc.ChannelConnectivity.READY:
             try:  # a server that is starting: wait for it, within the deadline or wait_for_server_s
                 await asyncio.wait_for(channel.channel_ready(), wait.until_give_up())
@@ -144,7 +146,7 @@ class AsyncGradientClient:
         try:
             if plan.payloads is None:
                 return plan.read(await getattr(stub, plan.method)(plan.request, **options), None)
-            call = stub.StreamCall(**options)
+            call = stream_call(**options)
             messages = plan.stream_requests()
             try:
                 await call.write(next(messages))

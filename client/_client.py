@@ -121,6 +121,8 @@ class GradientClient:
         self._owns_channel = channel is None
         self._channels = [channel] if channel is not None else self._core.open_channels(grpc)
         self._stubs = [pb_grpc.GradientServiceStub(c) for c in self._channels]
+        # data chunks framed without protobuf copies
+        self._stream_calls = [streaming.open_stream_call(c) for c in self._channels]
         self._releasing: set[grpc.Future] = set()
         self._closed = False
 
@@ -321,7 +323,7 @@ class GradientClient:
     def _attempt(self, plan: Plan, wait: StartupWait, index: int) -> Any:
         if self._closed:
             raise CancelledError(grpc.StatusCode.CANCELLED, "the client is closed")
-        channel, stub = self._channels[index], self._stubs[index]
+        channel, stub, stream_call = self._channels[index], self._stubs[index], self._stream_calls[index]
         if not self._connected(channel):  # a server that is starting: wait for it, within the deadline or wait_for_server_s
             self._wait_connected(channel, wait.until_give_up())  # then call anyway: it fails fast, with its own error
         self._core.connected_once |= self._connected(channel)  # TLS and all: a later UNAVAILABLE is no TLS mismatch
@@ -330,7 +332,7 @@ class GradientClient:
             if plan.payloads is None:
                 return plan.read(getattr(stub, plan.method)(plan.request, **options), None)
             verdict: queue.SimpleQueue[bool] = queue.SimpleQueue()
-            responses = stub.StreamCall(_after_acceptance(plan.stream_requests(), verdict), **options)
+            responses = stream_call(_after_acceptance(plan.stream_requests(), verdict), **options)
             accepted = False
             try:
                 accepted = streaming.accepted(responses.initial_metadata())  # blocks until accepted or refused

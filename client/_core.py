@@ -94,8 +94,8 @@ class Plan:
     @staticmethod
     def feed(assembler: streaming.Assembler, message: pb.StreamResponse) -> None:
         """One message after a streamed reply's header: it must be data."""
-        if message.WhichOneof("part") != "data":
-            raise codec.CodecError(f"StreamCall reply: only data may follow the header, got {message.WhichOneof('part')}")
+        if streaming.part(message) != "data":
+            raise codec.CodecError(f"StreamCall reply: only data may follow the header, got {streaming.part(message)}")
         assembler.feed(message.data)
 
 

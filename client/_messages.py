@@ -97,18 +97,23 @@ def payload_list(threshold_bytes: int, *groups: Sequence[Any]) -> Payloads:
     return [] if total > threshold_bytes else None
 
 
-def encode_args(args: Sequence[Any], requires_grad: Sequence[bool] | None = None, payloads: Payloads = None) -> list[pb.Value]:
-    """Arguments as Values; ``requires_grad`` overrides each tensor's own flag."""
+# The encoders below add to a request's repeated field in place (``into``): a message built
+# apart and then assigned would have its tensor bytes copied a second time.
+
+
+def encode_args(args: Sequence[Any], requires_grad: Sequence[bool] | None, payloads: Payloads, into: Any) -> None:
+    """Arguments as Values added to ``into``; ``requires_grad`` overrides each tensor's own flag."""
     flags = requires_grad if requires_grad is not None else [None] * len(args)
-    return [codec.encode_value(a, requires_grad=rg, payloads=payloads) for a, rg in zip(args, flags)]
+    for a, rg in zip(args, flags):
+        codec.encode_value(a, requires_grad=rg, payloads=payloads, out=into.add())
 
 
-def encode_kwargs(
-    kwargs: Mapping[str, Any], requires_grad: Sequence[bool] | None = None, payloads: Payloads = None
-) -> list[pb.NamedValue]:
-    """Keyword arguments as NamedValues, in the order given; ``requires_grad`` as :func:`encode_args`."""
-    values = encode_args(list(kwargs.values()), requires_grad, payloads)
-    return [pb.NamedValue(name=k, value=v) for k, v in zip(kwargs, values)]
+def encode_kwargs(kwargs: Mapping[str, Any], requires_grad: Sequence[bool] | None, payloads: Payloads, into: Any) -> None:
+    """Keyword arguments as NamedValues added to ``into``, in the order given; ``requires_grad`` as :func:`encode_args`."""
+    flags = requires_grad if requires_grad is not None else [None] * len(kwargs)
+    for (name, value), rg in zip(kwargs.items(), flags):
+        item = into.add(name=name)
+        codec.encode_value(value, requires_grad=rg, payloads=payloads, out=item.value)
 
 
 def as_grad_outputs(grad_outputs: torch.Tensor | Sequence[torch.Tensor | None] | None) -> Sequence[torch.Tensor | None]:
@@ -128,11 +133,12 @@ def as_grad_outputs(grad_outputs: torch.Tensor | Sequence[torch.Tensor | None] |
 
 
 def encode_grad_outputs(
-    grad_outputs: Sequence[torch.Tensor | None], payloads: Payloads = None, requires_grad: Sequence[bool] | None = None
-) -> list[pb.MaybeTensor]:
-    """Cotangents as MaybeTensors; ``requires_grad`` marks those that are leaves of a kept graph."""
+    grad_outputs: Sequence[torch.Tensor | None], payloads: Payloads, requires_grad: Sequence[bool] | None, into: Any
+) -> None:
+    """Cotangents as MaybeTensors added to ``into``; ``requires_grad`` marks those that are leaves of a kept graph."""
     flags = requires_grad if requires_grad is not None else [False] * len(grad_outputs)
-    return [codec.encode_maybe_tensor(g, requires_grad=rg, payloads=payloads) for g, rg in zip(grad_outputs, flags)]
+    for g, rg in zip(grad_outputs, flags):
+        codec.encode_maybe_tensor(g, requires_grad=rg, payloads=payloads, out=into.add())
 
 
 def caller_seed() -> int:
@@ -153,14 +159,15 @@ def forward_request(
     """A forward in the caller's grad mode (default: the current one). ``requires_grad``
     (positional then keyword) None: no gradients wanted, so the server keeps no graph."""
     flags = list(requires_grad) if requires_grad is not None else [False] * (len(args) + len(kwargs))
-    return pb.ForwardRequest(
+    request = pb.ForwardRequest(
         function=name,
-        args=encode_args(args, flags[: len(args)], payloads),
-        kwargs=encode_kwargs(kwargs, flags[len(args) :], payloads),  # slot order: args, then kwargs
         keep_graph=any(flags),
         no_grad=not (torch.is_grad_enabled() if grad_enabled is None else grad_enabled),
         seed=caller_seed(),
     )
+    encode_args(args, flags[: len(args)], payloads, request.args)  # slot order: args, then kwargs
+    encode_kwargs(kwargs, flags[len(args) :], payloads, request.kwargs)
+    return request
 
 
 def forward_backward_request(
@@ -170,11 +177,12 @@ def forward_backward_request(
     grad_outputs: Sequence[torch.Tensor | None],
     payloads: Payloads = None,
 ) -> pb.ForwardBackwardRequest:
+    request = pb.ForwardBackwardRequest(function=name, seed=caller_seed())
     # Slot order: args (field 2), grad_outputs (field 3), kwargs (field 4).
-    values = encode_args(args, payloads=payloads)
-    cotangents = encode_grad_outputs(grad_outputs, payloads)
-    named = encode_kwargs(kwargs, payloads=payloads)
-    return pb.ForwardBackwardRequest(function=name, args=values, grad_outputs=cotangents, kwargs=named, seed=caller_seed())
+    encode_args(args, None, payloads, request.args)
+    encode_grad_outputs(grad_outputs, payloads, None, request.grad_outputs)
+    encode_kwargs(kwargs, None, payloads, request.kwargs)
+    return request
 
 
 @dataclass(frozen=True)
@@ -214,37 +222,25 @@ class BackwardReply:
 
 
 def backward_by_handle(step: BackwardStep, payloads: Payloads = None) -> pb.BackwardRequest:
-    return pb.BackwardRequest(
-        function=step.name,
-        handle=step.handle,
-        version=step.version,
-        grad_outputs=encode_grad_outputs(step.grad_outputs, payloads, step.grad_output_leaves),
-        keep_graph=step.keep_graph,
-    )
+    request = pb.BackwardRequest(function=step.name, handle=step.handle, version=step.version, keep_graph=step.keep_graph)
+    encode_grad_outputs(step.grad_outputs, payloads, step.grad_output_leaves, request.grad_outputs)
+    return request
 
 
 def backward_by_recompute(step: BackwardStep, payloads: Payloads = None) -> pb.BackwardRequest:
     # Slot order: recompute's args and kwargs, grad_outputs, then lower_order.
     n, n0 = step.num_positional, step.num_positional + len(step.kwarg_names)
-    recompute = pb.Arguments(
-        values=encode_args(step.inputs[:n], step.built[:n], payloads),
-        kwargs=encode_kwargs(dict(zip(step.kwarg_names, step.inputs[n:n0])), step.built[n:n0], payloads),
-    )
-    grad_outputs = encode_grad_outputs(step.grad_outputs, payloads, step.grad_output_leaves)
-    lower_order, start = [], n0
+    request = pb.BackwardRequest(function=step.name, version=step.version, keep_graph=step.keep_graph, rng=step.rng)
+    request.recompute.SetInParent()  # the graph's source, even for a Function without arguments
+    encode_args(step.inputs[:n], step.built[:n], payloads, request.recompute.values)
+    encode_kwargs(dict(zip(step.kwarg_names, step.inputs[n:n0])), step.built[n:n0], payloads, request.recompute.kwargs)
+    encode_grad_outputs(step.grad_outputs, payloads, step.grad_output_leaves, request.grad_outputs)
+    start = n0
     for size in step.levels:
         chunk = slice(start, start + size)
-        lower_order.append(pb.Cotangents(values=encode_grad_outputs(step.inputs[chunk], payloads, step.built[chunk])))
+        encode_grad_outputs(step.inputs[chunk], payloads, step.built[chunk], request.lower_order.add().values)
         start += size
-    return pb.BackwardRequest(
-        function=step.name,
-        recompute=recompute,
-        version=step.version,
-        grad_outputs=grad_outputs,
-        keep_graph=step.keep_graph,
-        rng=step.rng,
-        lower_order=lower_order,
-    )
+    return request
 
 
 def backward_reply(
@@ -314,17 +310,16 @@ def forwarded(response: pb.ForwardResponse, args: Sequence[Any], payloads: Itera
     )
 
 
-def stream_requests(kind: str, header: Any, payloads: list[torch.Tensor]) -> Iterator[pb.StreamRequest]:
-    """A StreamCall's messages: the header, then the payloads in chunks."""
+def stream_requests(kind: str, header: Any, payloads: list[torch.Tensor]) -> Iterator[pb.StreamRequest | bytes]:
+    """A StreamCall's messages: the header, then the payloads in chunks (wire bytes: see streaming.serialize)."""
     yield pb.StreamRequest(**{kind: header})
-    for chunk in streaming.chunks(payloads):
-        yield pb.StreamRequest(data=chunk)
+    yield from streaming.data_messages(payloads)
 
 
 def read_stream_header(first: pb.StreamResponse | None, kind: str) -> tuple[Any, streaming.Assembler]:
     """The response header of a StreamCall, and an assembler for its data chunks."""
-    if first is None or first.WhichOneof("part") != kind:
-        raise codec.CodecError(f"StreamCall: expected a {kind} header first, got {first and first.WhichOneof('part')}")
+    if first is None or streaming.part(first) != kind:
+        raise codec.CodecError(f"StreamCall: expected a {kind} header first, got {first and streaming.part(first)}")
     header = getattr(first, kind)
     return header, streaming.Assembler(header, what=f"{kind} response")
 

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.v1 import streaming
 from gradserve.v1.connection import SERVER_KEEPALIVE_POLICY
 
 from ._admission import AdmissionExecutor, ByteBudget, ConcurrencyLimit, IdleWatchdog
@@ -186,6 +187,38 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+class _Serializing:
+    """Passes the generated handlers on to ``server`` with the serializers of ``gradserve.v1.streaming``:
+    unary replies arrive serialised from the servicer (counted without serialising twice), and
+    StreamCall's data chunks are framed without protobuf copies."""
+
+    def __init__(self, server: grpc.Server) -> None:
+        self._server = server
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self._server.add_registered_method_handlers(service, {k: _serializing(k, h) for k, h in handlers.items()})
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_SerializingGeneric(h) for h in handlers))
+
+
+def _serializing(method: str, handler: Any) -> Any:
+    if method.rsplit("/", 1)[-1] == "StreamCall":
+        return streaming.framed_handler(handler)
+    return handler._replace(response_serializer=streaming.serialize)
+
+
+class _SerializingGeneric(grpc.GenericRpcHandler):
+    """A generic handler (unregistered calls) with the serializers of :class:`_Serializing`."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = self._inner.service(handler_call_details)
+        return None if handler is None else _serializing(handler_call_details.method, handler)
+
+
 def create_server(
     config: ServerConfig,
     registry: Registry | None = None,
@@ -285,7 +318,7 @@ def create_server(
             *SERVER_KEEPALIVE_POLICY.items(),
         ],
     )
-    pb_grpc.add_GradientServiceServicer_to_server(servicer, server)
+    pb_grpc.add_GradientServiceServicer_to_server(servicer, _Serializing(server))
     health_servicer = health.HealthServicer()
     _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

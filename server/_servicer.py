@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import grpc
 import torch
@@ -49,8 +49,6 @@ __all__ = ["ERROR_DOMAIN", "GradientServicer"]
 log = logging.getLogger("gradserve.calls")
 
 ERROR_DOMAIN = "gradserve.dev"
-
-R = TypeVar("R")
 
 
 # Method names a refusal may be counted under (the rest are "unknown"): ours, health's, reflection's.
@@ -171,11 +169,12 @@ class _CallRecord:
         return grpc.StatusCode.DEADLINE_EXCEEDED if remaining_s is not None and remaining_s <= 0 else grpc.StatusCode.CANCELLED
 
 
-def _rpc(method: Callable[..., R]) -> Callable[[Any, Any, grpc.ServicerContext], R]:
-    """Run one unary RPC: refuse it while loading, count and log it with its final code, turn exceptions into a status."""
+def _rpc(method: Callable[..., Message]) -> Callable[[Any, Any, grpc.ServicerContext], bytes]:
+    """Run one unary RPC: refuse it while loading, count and log it with its final code, turn exceptions
+    into a status. Returns the reply serialised (the server passes it on as it is: ``streaming.serialize``)."""
 
     @functools.wraps(method)
-    def wrapper(self: GradientServicer, request: Any, context: grpc.ServicerContext) -> R:
+    def wrapper(self: GradientServicer, request: Any, context: grpc.ServicerContext) -> bytes:
         call = _CallRecord(self, method.__name__, context)
         call.named(getattr(request, "function", ""))
         call.bytes_in = request.ByteSize() if isinstance(request, Message) else 0
@@ -184,7 +183,10 @@ def _rpc(method: Callable[..., R]) -> Callable[[Any, Any, grpc.ServicerContext],
                 raise _Loading("server is starting: functions are still loading; retry shortly")
             with self.metrics.track():
                 response = method(self, request, context, call)
-            call.bytes_out = response.ByteSize() if isinstance(response, Message) else 0
+            # Serialised here, once (the handler's serializer passes bytes on: streaming.serialize);
+            # ByteSize() would serialise it a second time just to count.
+            response = response.SerializeToString()
+            call.bytes_out = len(response)
         except BaseException as exc:  # a Function's SystemExit too: every call ends with a status
             call.fail(exc)
         call.finish(grpc.StatusCode.OK)
@@ -395,7 +397,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self, requests: Iterator[pb.StreamRequest], context: grpc.ServicerContext, call: _CallRecord
     ) -> tuple[pb.StreamResponse, _Payloads]:
         first = next(requests, None)
-        kind = first.WhichOneof("part") if first is not None else None
+        kind = streaming.part(first) if first is not None else None
         if kind not in ("forward", "backward", "forward_backward"):
             raise codec.CodecError(
                 f"StreamCall: the first message must be a header (forward, backward or forward_backward), got {kind}"
@@ -413,9 +415,10 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         # makes gRPC report INTERNAL).
         context.send_initial_metadata(((streaming.ACCEPTED_KEY, "1"),))
         for message in requests:
-            if message.WhichOneof("part") != "data":
+            if streaming.part(message) != "data":
                 raise codec.CodecError(f"StreamCall {call.function}: only data chunks may follow the header")
             assembler.feed(message.data)
+            del message  # gRPC's buffer of this chunk: freed before the next one arrives
         if not context.is_active():  # the stream ended because the caller left, not because it was done
             raise Abandoned(f"{call.function}: caller gone during the upload; work abandoned")
         payloads = _Payloads(incoming=assembler.payloads(), outgoing=[])
@@ -526,13 +529,13 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         )
         self._check_outputs(call, result.outputs, io, "output")
         response = pb.ForwardResponse(
-            outputs=_encode_outputs(request.function, result, io),
             returns_tuple=result.returns_tuple,
             handle=result.handle or "",
             handle_ttl_ms=int(self.runtime.handles.ttl_s * 1000) if result.handle else 0,
             version=result.version,
             rng=pb.RngReplay(**dataclasses.asdict(result.rng)) if result.rng else None,
         )
+        _encode_outputs(request.function, result, io, response.outputs)
         if result.pending is not None:
             if io.outgoing is None:  # unary: the reply is built and the caller still there
                 if not context.is_active():
@@ -577,11 +580,12 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         )
         try:
             self._check_outputs(call, result.grads, io, "gradient")
-            return pb.BackwardResponse(
-                grads=_encode_grads(function, result.grads, io),
+            response = pb.BackwardResponse(
                 handle=result.handle or "",
                 handle_ttl_ms=int(self.runtime.handles.ttl_s * 1000) if result.handle else 0,
             )
+            _encode_grads(function, result.grads, io, response.grads)
+            return response
         except BaseException:
             if result.handle:  # the next order's graph: not kept when its reply is refused
                 self.runtime.handles.release([result.handle], call.owner)
@@ -598,11 +602,10 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         seed = request.seed if request.HasField("seed") else None
         result, grads = self.runtime.forward_backward(request.function, args, grad_outputs, context.is_active, kwargs, seed)
         self._check_outputs(call, [*result.outputs, *grads], io, "output or gradient")
-        return pb.ForwardBackwardResponse(
-            outputs=_encode_outputs(request.function, result, io),
-            returns_tuple=result.returns_tuple,
-            grads=_encode_grads(request.function, grads, io),
-        )
+        response = pb.ForwardBackwardResponse(returns_tuple=result.returns_tuple)
+        _encode_outputs(request.function, result, io, response.outputs)
+        _encode_grads(request.function, grads, io, response.grads)
+        return response
 
     @property
     def _limits(self) -> dict[str, Any]:
@@ -650,10 +653,9 @@ class _StreamedReply:
         self._sent_all = False
         call.bytes_out = header.ByteSize() + _tensor_bytes(io.outgoing or [])
 
-    def __iter__(self) -> Iterator[pb.StreamResponse]:
+    def __iter__(self) -> Iterator[pb.StreamResponse | bytes]:
         yield self._header
-        for chunk in streaming.chunks(self._io.outgoing or []):
-            yield pb.StreamResponse(data=chunk)
+        yield from streaming.data_messages(self._io.outgoing or [])  # wire bytes: see streaming.serialize
         # gRPC asks for the next message only once the last one has gone out: the reply is
         # sure, so the graph is kept now (before the status, so before the caller's Backward).
         if self._io.pending is not None and self._call.context.is_active():
@@ -698,23 +700,20 @@ def _fits_one_message(io: _Payloads, total: int, function: str) -> None:
         )
 
 
-def _encode_outputs(function: str, result: ForwardResult, io: _Payloads) -> list[pb.Tensor]:
-    """The outputs as messages; one the wire cannot carry is the Function's fault, named with its index."""
-    encoded = []
+def _encode_outputs(function: str, result: ForwardResult, io: _Payloads, into: Any) -> None:
+    """The outputs, added to the repeated field ``into`` in place (no second copy of their bytes);
+    one the wire cannot carry is the Function's fault, named with its index."""
     for i, (o, d) in enumerate(zip(result.outputs, result.differentiable)):
         try:
-            encoded.append(codec.encode_tensor(o, requires_grad=d, payloads=io.outgoing))
+            codec.encode_tensor(o, requires_grad=d, payloads=io.outgoing, out=into.add())
         except codec.CodecError as exc:
             raise FunctionError(f"{function} forward output {i} cannot be sent: {exc}") from None
-    return encoded
 
 
-def _encode_grads(function: str, grads: Any, io: _Payloads) -> list[pb.MaybeTensor]:
-    """Gradients as messages; ``requires_grad`` says whether one can be differentiated again."""
-    encoded = []
+def _encode_grads(function: str, grads: Any, io: _Payloads, into: Any) -> None:
+    """Gradients, added to ``into`` in place; ``requires_grad`` says whether one can be differentiated again."""
     for i, g in enumerate(grads):
         try:
-            encoded.append(codec.encode_maybe_tensor(g, requires_grad=g is not None and g.requires_grad, payloads=io.outgoing))
+            codec.encode_maybe_tensor(g, requires_grad=g is not None and g.requires_grad, payloads=io.outgoing, out=into.add())
         except codec.CodecError as exc:
             raise FunctionError(f"{function} backward: gradient {i} cannot be sent: {exc}") from None
-    return encoded

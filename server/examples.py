@@ -40,7 +40,10 @@ class Square(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        return grad_output * (2 * x).conj()
+        # One temporary of x's size, not two (``grad_output * (2 * x).conj()`` allocates 2x, then
+        # the product): on a big tensor, what the server's peak memory is made of. Bit-identical:
+        # multiplying by 2 is exact.
+        return torch.mul(grad_output, x.conj()).mul_(2)
 
 
 @register("cube_plus_square", uses_rng=False, double_backward=True, supports_complex=True)

@@ -68,9 +68,34 @@ def test_prints_a_latency_table_with_every_method(smoke: tuple[subprocess.Comple
         "Ratio of medians vs (b) echo",
         "Ratio of medians vs (e) torch rpc",
         "Throughput, calls/s",
-        "Targets (issue 4, item 6)",
+        "Goals (issue 13)",
     ):
         assert section in stdout
+
+
+def test_goals_csv_has_one_row_per_goal_with_a_verdict(smoke: tuple[subprocess.CompletedProcess[str], Path, float]) -> None:
+    rows = {r["goal"]: r for r in read_csv(smoke[1] / "goals.csv")}
+    small = rows["ForwardBackward, 1 element, vs a raw gRPC unary echo of 64 B"]
+    assert small["verdict"] in ("met", "missed") and float(small["ratio"]) > 0, small
+    # Sizes the smoke run skips are said to be missing, not judged on nothing.
+    assert rows["ForwardBackward, 1e6 float32, vs a raw echo of the same 4 MB"]["verdict"].startswith("not measured")
+    rss = rows["server peak RSS, ForwardBackward on a 1 GiB tensor, / tensor size"]
+    assert rss["verdict"] == "not judged" and float(rss["ratio"]) > 0, rss
+    for row in rows.values():  # a goal is judged, skipped for a missing feature, or says why not
+        assert row["verdict"] in ("met", "missed", "measured", "not judged") or row["note"], row
+    load = {r["name"]: r for r in read_csv(smoke[1] / "load.csv")}
+    assert float(load["echo"]["calls_per_s"]) > 0 and float(load["gs"]["calls_per_s"]) > 0, load
+
+
+def test_device_cuda_without_a_gpu_skips_with_a_message() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the skip path is not taken")
+    argv = [sys.executable, str(BENCH), "--device", "cuda"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--device cuda: skipped" in result.stdout
 
 
 def test_latency_csv_has_sane_positive_numbers(smoke: tuple[subprocess.CompletedProcess[str], Path, float]) -> None:
@@ -92,7 +117,7 @@ def test_throughput_and_memory_csvs(smoke: tuple[subprocess.CompletedProcess[str
     for r in rows:
         assert r["error"] == "" and int(r["calls"]) > 0 and float(r["calls_per_s"]) > 0, r
     mem = read_csv(out / "memory.csv")
-    assert {r["method"] for r in mem} == {"gs_fwd_bwd", "gs_fb"}
+    assert {r["method"] for r in mem} == {"gs_fwd_bwd", "gs_fb", "local"}
     for r in mem:
         assert r["error"] == "" and int(r["peak_rss_bytes"]) >= int(r["rss_before_bytes"]) > 0, r
     assert (out / "report.txt").read_text().startswith("gradserve benchmark (smoke)")

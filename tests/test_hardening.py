@@ -375,7 +375,7 @@ def test_stream_call_is_logged_with_its_real_final_code(caplog: pytest.LogCaptur
     payloads: list[torch.Tensor] = []
     args = [codec.encode_value(t, payloads=payloads) for t in (torch.ones(n, 1), torch.ones(1, n))]
     messages = [pb.StreamRequest(forward=pb.ForwardRequest(function="outer_sum", args=args))]
-    messages += [pb.StreamRequest(data=c) for c in codec_chunks(payloads)]
+    messages += [pb.StreamRequest(data=bytes(c)) for c in codec_chunks(payloads)]
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel, caplog.at_level(logging.INFO, logger="gradserve.calls"):
             call = pb_grpc.GradientServiceStub(channel).StreamCall(iter(messages), timeout=30, metadata=[("x-request-id", "cancel-me")])
@@ -389,7 +389,7 @@ def test_stream_call_is_logged_with_its_real_final_code(caplog: pytest.LogCaptur
     assert record.code == "CANCELLED"
 
 
-def codec_chunks(payloads: list[torch.Tensor]) -> list[bytes]:
+def codec_chunks(payloads: list[torch.Tensor]) -> list[memoryview]:
     from gradserve.v1 import streaming
 
     return list(streaming.chunks(payloads, chunk_bytes=64 * 1024))

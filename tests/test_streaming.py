@@ -148,6 +148,39 @@ def test_chunks_and_assembler_agree_on_any_split() -> None:
         assert [g.tolist() for g in got] == [p.tolist() for p in payloads]
 
 
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, (1 << 20) + 3])
+def test_data_messages_are_the_bytes_protobuf_writes_and_reads(size: int) -> None:
+    chunk = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    wire = streaming.data_message(memoryview(chunk))
+    assert wire == pb.StreamRequest(data=chunk).SerializeToString() == pb.StreamResponse(data=chunk).SerializeToString()
+    for message_type in (pb.StreamRequest, pb.StreamResponse):
+        parsed = streaming.parser(message_type)(wire)
+        assert streaming.part(parsed) == "data" and bytes(parsed.data) == chunk
+        assert streaming.serialize(wire) is wire  # sent as it is
+
+
+def test_the_parser_leaves_everything_but_a_lone_data_field_to_protobuf() -> None:
+    parse = streaming.parser(pb.StreamRequest)
+    header = pb.StreamRequest(forward=pb.ForwardRequest(function="square"))
+    assert streaming.part(parse(header.SerializeToString())) == "forward"
+    # data, then a header: protobuf's last-one-wins for a oneof, not a data chunk
+    both = streaming.data_message(b"abc") + header.SerializeToString()
+    assert streaming.part(parse(both)) == "forward"
+    # a length running past the end, or a truncated varint: protobuf's own error
+    for garbage in (b"\x22\x05ab", b"\x22\xff\xff"):
+        with pytest.raises(Exception, match="(?i)error|truncated|parse"):
+            parse(garbage)
+
+
+def test_chunks_are_views_and_data_messages_cover_every_byte() -> None:
+    payloads = [codec.wire_bytes(torch.arange(10, dtype=torch.float32)), codec.wire_bytes(torch.arange(3, dtype=torch.int16))]
+    views = list(streaming.chunks(payloads, 16))
+    assert all(isinstance(v, memoryview) and v.readonly for v in views)
+    assert b"".join(views) == b"".join(p.numpy().tobytes() for p in payloads)
+    parse = streaming.parser(pb.StreamResponse)
+    assert b"".join(bytes(parse(m).data) for m in streaming.data_messages(payloads, 16)) == b"".join(views)
+
+
 # -- async client parity ------------------------------------------------------------------------
 
 

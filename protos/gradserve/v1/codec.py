@@ -214,7 +214,13 @@ def wire_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.uint8)
 
 
-def encode_tensor(tensor: Any, *, requires_grad: bool | None = None, payloads: list[torch.Tensor] | None = None) -> pb.Tensor:
+def encode_tensor(
+    tensor: Any,
+    *,
+    requires_grad: bool | None = None,
+    payloads: list[torch.Tensor] | None = None,
+    out: pb.Tensor | None = None,
+) -> pb.Tensor:
     """Encode a tensor (any device, any layout, any strides) as a ``gradserve.v1.Tensor``.
 
     Parameters
@@ -227,6 +233,10 @@ def encode_tensor(tensor: Any, *, requires_grad: bool | None = None, payloads: l
     payloads
         For streaming: leave ``data`` empty and append the wire bytes (see
         :func:`wire_bytes`) to this list instead, so they are never copied into a message.
+    out
+        An empty message to fill and return, e.g. ``response.outputs.add()``: building a
+        message and then assigning it into another (``Response(outputs=[t])``) copies
+        every data byte again.
 
     Raises
     ------
@@ -251,7 +261,10 @@ def encode_tensor(tensor: Any, *, requires_grad: bool | None = None, payloads: l
     if requires_grad is None:
         requires_grad = tensor.requires_grad
     raw = wire_bytes(tensor)
-    msg = pb.Tensor(dtype=wire, shape=tensor.shape, requires_grad=requires_grad)
+    msg = pb.Tensor() if out is None else out
+    msg.dtype = wire
+    msg.shape.extend(tensor.shape)
+    msg.requires_grad = requires_grad
     if payloads is not None:
         payloads.append(raw)
     elif raw.numel():
@@ -360,12 +373,14 @@ def _numpy_scalar(value: Any) -> Any:
     raise CodecError(f"a numpy scalar of dtype {value.dtype} cannot be sent; expected bool, integer, float, complex or str")
 
 
-def encode_value(value: Any, *, requires_grad: bool | None = None, payloads: list[torch.Tensor] | None = None) -> pb.Value:
+def encode_value(
+    value: Any, *, requires_grad: bool | None = None, payloads: list[torch.Tensor] | None = None, out: pb.Value | None = None
+) -> pb.Value:
     """Encode one argument: a tensor (dense or sparse COO), numpy array or scalar, bool, int, float, str or None.
 
     ``requires_grad`` (tensors only; default: the tensor's own flag) and ``payloads``
     are passed to :func:`encode_tensor`. A numpy scalar travels as the Python scalar
-    it holds.
+    it holds. ``out``: an empty message to fill and return (see :func:`encode_tensor`).
 
     Raises
     ------
@@ -373,25 +388,30 @@ def encode_value(value: Any, *, requires_grad: bool | None = None, payloads: lis
         Another type, a numpy array of object or string dtype, or an int outside
         signed 64-bit.
     """
+    msg = pb.Value() if out is None else out
     if isinstance(value, np.generic):
         value = _numpy_scalar(value)
     if isinstance(value, torch.Tensor) and value.layout == torch.sparse_coo:
-        return pb.Value(sparse_tensor=encode_sparse(value, requires_grad=requires_grad, payloads=payloads))
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        return pb.Value(tensor=encode_tensor(value, requires_grad=requires_grad, payloads=payloads))
-    if isinstance(value, bool):  # before int: bool is an int subclass
-        return pb.Value(bool_value=value)
-    if isinstance(value, int):
+        msg.sparse_tensor.CopyFrom(encode_sparse(value, requires_grad=requires_grad, payloads=payloads))
+    elif isinstance(value, (torch.Tensor, np.ndarray)):
+        encode_tensor(value, requires_grad=requires_grad, payloads=payloads, out=msg.tensor)
+    elif isinstance(value, bool):  # before int: bool is an int subclass
+        msg.bool_value = value
+    elif isinstance(value, int):
         if not -(2**63) <= value <= _INT64_MAX:
             raise CodecError(f"int argument {value} does not fit in 64 bits")
-        return pb.Value(int_value=value)
-    if isinstance(value, float):
-        return pb.Value(float_value=value)
-    if isinstance(value, str):
-        return pb.Value(string_value=value)
-    if value is None:
-        return pb.Value(null_value=struct_pb2.NULL_VALUE)
-    raise CodecError(f"arguments must be tensors, numpy arrays, bool, int, float, str or None; got {type(value).__name__}")
+        msg.int_value = value
+    elif isinstance(value, float):
+        msg.float_value = value
+    elif isinstance(value, str):
+        msg.string_value = value
+    elif value is None:
+        msg.null_value = struct_pb2.NULL_VALUE
+    else:
+            raise CodecError(
+            f"arguments must be tensors, numpy arrays, bool, int, float, str or None; got {type(value).__name__}"
+        )
+    return msg
 
 
 def decode_value(
@@ -437,18 +457,26 @@ def decode_value(
 
 
 def encode_maybe_tensor(
-    tensor: torch.Tensor | None, *, requires_grad: bool = False, payloads: list[torch.Tensor] | None = None
+    tensor: torch.Tensor | None,
+    *,
+    requires_grad: bool = False,
+    payloads: list[torch.Tensor] | None = None,
+    out: pb.MaybeTensor | None = None,
 ) -> pb.MaybeTensor:
     """Encode a gradient or grad_output; ``None`` becomes the explicit ``none``, never zeros.
 
     A sparse COO tensor travels sparse. ``requires_grad`` sets the message's flag
     (for gradients: differentiable again; for cotangents: a leaf of a kept graph).
+    ``out``: an empty message to fill and return (see :func:`encode_tensor`).
     """
+    msg = pb.MaybeTensor() if out is None else out
     if tensor is None:
-        return pb.MaybeTensor(none=struct_pb2.NULL_VALUE)
-    if tensor.layout == torch.sparse_coo:
-        return pb.MaybeTensor(sparse=encode_sparse(tensor, requires_grad=requires_grad, payloads=payloads))
-    return pb.MaybeTensor(tensor=encode_tensor(tensor, requires_grad=requires_grad, payloads=payloads))
+        msg.none = struct_pb2.NULL_VALUE
+    elif tensor.layout == torch.sparse_coo:
+        msg.sparse.CopyFrom(encode_sparse(tensor, requires_grad=requires_grad, payloads=payloads))
+    else:
+        encode_tensor(tensor, requires_grad=requires_grad, payloads=payloads, out=msg.tensor)
+    return msg
 
 
 def decode_maybe_tensor(
