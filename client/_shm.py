@@ -107,8 +107,11 @@ class SharedMemory:
     # -- calls ---------------------------------------------------------------------------
 
     def wants(self, groups: Any) -> bool:
-        """Whether some tensor of ``groups`` is large enough for a segment (the plan is then built in streamed form)."""
-        return self.active and any(codec.nbytes(t) >= self.threshold_bytes for group in groups for t in group)
+        """Whether some tensor of ``groups`` is large enough for a segment (the plan is then built in streamed form).
+
+        Also before the probe: a call's plan is built before its probe runs, and the
+        streamed form is sent as it is when the probe fails."""
+        return self.state != "network" and any(codec.nbytes(t) >= self.threshold_bytes for group in groups for t in group)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The keys that ask for replies through shared memory and carry the session token, while on."""

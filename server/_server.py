@@ -225,6 +225,7 @@ def create_server(
     *,
     stopping: threading.Event | None = None,
     hold_health: bool = False,
+    shared_memory_key: bytes | None = None,
 ) -> RunningServer:
     """Build and start a server for ``config``; returns once it serves (it does not block).
 
@@ -247,6 +248,10 @@ def create_server(
     hold_health
         Keep health NOT_SERVING once loaded, until ``RunningServer.set_serving(True)``
         (a worker process waits for its siblings).
+    shared_memory_key
+        Secret (32 bytes or more) for same-host shared-memory session tokens; default a
+        random one per process. Worker processes sharing a port get one from their parent,
+        so a client's token from one worker works on every other.
 
     Raises
     ------
@@ -279,7 +284,7 @@ def create_server(
         max_concurrent=config.max_workers,
         budget=budget,
         tokens_required=bool(tokens),
-        shared_memory=SharedMemoryService(config.shared_memory),
+        shared_memory=SharedMemoryService(config.shared_memory, key=shared_memory_key),
     )
     watchdog = IdleWatchdog(
         config.idle_stream_timeout_s,
@@ -503,7 +508,12 @@ def _startup_checks(registry: Registry, timeout_s: float, stopping: threading.Ev
     return unavailable
 
 
-def serve(config: ServerConfig, *, on_started: Callable[[RunningServer], None] | None = None) -> int:
+def serve(
+    config: ServerConfig,
+    *,
+    on_started: Callable[[RunningServer], None] | None = None,
+    shared_memory_key: bytes | None = None,
+) -> int:
     """Run a server until SIGTERM or SIGINT, then drain for ``config.grace_period_s`` seconds; returns the exit status.
 
     On the signal, health turns NOT_SERVING at once; calls in flight finish (up to the
@@ -544,7 +554,9 @@ def serve(config: ServerConfig, *, on_started: Callable[[RunningServer], None] |
 
     def start() -> None:
         try:
-            started.append(create_server(config, stopping=stop, hold_health=on_started is not None))
+            started.append(
+                create_server(config, stopping=stop, hold_health=on_started is not None, shared_memory_key=shared_memory_key)
+            )
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             failed.append(exc)
 

@@ -33,6 +33,7 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -138,11 +139,12 @@ class _Workers:
         # killed while waiting on one leaves set() blocked for good.
         self._pipes: list[Connection] = []
         common = replace(config, port=port, metrics_port=0)  # the parent serves the metrics
+        shm_key = secrets.token_bytes(32)  # one shared-memory token key: a token from any worker works on all
         for i in range(config.workers):
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(
                 target=_worker_main,
-                args=(replace(common, device=config.worker_device(i)), i, os.getpid(), theirs),
+                args=(replace(common, device=config.worker_device(i)), i, os.getpid(), theirs, shm_key),
                 name=f"gradserve-worker-{i}",
             )
             proc.start()
@@ -257,7 +259,7 @@ def _reserved_port(host: str, port: int) -> Iterator[int]:
         sock.close()
 
 
-def _worker_main(config: ServerConfig, index: int, parent_pid: int, pipe: Connection) -> None:
+def _worker_main(config: ServerConfig, index: int, parent_pid: int, pipe: Connection, shm_key: bytes) -> None:
     """A worker process: a server on the shared port, its health as the parent says on ``pipe``."""
     _die_with_parent(parent_pid)
     from ._logging import configure_logging
@@ -279,7 +281,7 @@ def _worker_main(config: ServerConfig, index: int, parent_pid: int, pipe: Connec
         log.info("worker %d (pid %d) ready on device %s", index, os.getpid(), config.device)
 
     try:
-        status = serve(config, on_started=started)
+        status = serve(config, on_started=started, shared_memory_key=shm_key)
     except (ImportError, ValueError, OSError) as exc:  # as `gradserve serve` reports them: one line
         pipe.send(("failed", str(exc)))
         status = EXIT_CONFIG_ERROR

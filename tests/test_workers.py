@@ -304,3 +304,24 @@ def test_client_connections_are_checked() -> None:
         GradientClient("127.0.0.1:1", connections=0)
     with grpc.insecure_channel("127.0.0.1:1") as channel, pytest.raises(ValueError, match="not with channel"):
         GradientClient("127.0.0.1:1", channel=channel, connections=2)
+
+
+def test_shared_memory_tokens_work_on_every_worker(workers: Workers) -> None:
+    """One probe, then calls through shared memory on both workers: the parent gives every worker one
+    token key, so a token from one is good on the other (no refusal, no network fallback)."""
+    x = torch.linspace(-1.0, 1.0, 65536, dtype=torch.float64)  # 512 KiB: over the 256 KiB threshold
+    probes = workers.metric("gradserve_requests_total", function="", method="SharedMemoryProbe", code="OK")
+    wire = workers.metric("gradserve_request_bytes_total", method="ForwardBackward")
+    pids = set()
+    with GradientClient(workers.target, timeout=30, connections=SPREAD, shared_memory=True) as client:
+        for _ in range(SPREAD):
+            result = client.forward_backward("worker_pid", x.clone().requires_grad_(), grad_outputs=torch.full_like(x, 3.0))
+            torch.testing.assert_close(result.grads[0], torch.full_like(x, 6.0))
+            offset = result.outputs - 2 * x
+            assert torch.all(offset == offset[0])
+            pids.add(int(offset[0]))
+        assert client.transport == "shared_memory"
+    assert pids == workers.worker_pids()
+    assert workers.metric("gradserve_requests_total", function="", method="SharedMemoryProbe", code="OK") == probes + 1
+    # Only references crossed gRPC: far less than the 2 x 512 KiB each call moved through /dev/shm.
+    assert workers.metric("gradserve_request_bytes_total", method="ForwardBackward") - wire < SPREAD * 4096
