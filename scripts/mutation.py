@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -67,7 +68,8 @@ SHARDS: dict[str, tuple[list[str], list[str]]] = {
     "server": (
         ["handles", "contract", "checks", "errors", "servicer", "runtime"],
         [
-            "tests/test_mutation_kills.py",
+            "tests/test_checks.py",
+            "tests/test_servicer_mapping.py",
             "tests/test_runtime.py",
             "tests/test_registry.py",
             "tests/test_contract.py",
@@ -76,7 +78,7 @@ SHARDS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_bad_input.py",
         ],
     ),
-    "client": (["autograd"], ["tests/test_mutation_kills.py", "tests/test_gradients.py", "tests/test_service.py"]),
+    "client": (["autograd"], ["tests/test_autograd_bridge.py", "tests/test_gradients.py", "tests/test_service.py"]),
 }
 SLOW = [
     "tests/test_gradients.py::test_random_backwards_of_other_callers_do_not_shift_a_replayed_mask",
@@ -115,6 +117,16 @@ def _in_process_only(monkeypatch):
     monkeypatch.setattr(subprocess.Popen, "__init__", _no_subprocess)
 
 
+def pytest_ignore_collect(collection_path, config):
+    """Collect only this shard's test files (the mutmut selection is all of tests/, so that it never changes)."""
+    tests = _HERE / "tests"
+    if collection_path.is_dir() and tests in collection_path.parents:
+        return True  # tests/integration: against a deployed server
+    if collection_path.suffix == ".py" and collection_path.name.startswith("test_") and collection_path.parent == tests:
+        return collection_path.relative_to(_HERE).as_posix() not in ORDER
+    return None
+
+
 def pytest_collection_modifyitems(items):
     """Focused unit tests first, so that -x stops a killed mutant early."""
     rank = {name: i for i, name in enumerate(ORDER)}
@@ -151,11 +163,40 @@ def _scope(path: Path, functions: set[str]) -> None:
     path.write_text(cst.parse_module(path.read_text()).visit(Marker()).code)
 
 
+def write_conftest(root: Path, shard: str) -> None:
+    """The stage conftest: the shard's test files that exist now, in order."""
+    tests = [t for t in SHARDS[shard][1] if (ROOT / t).exists()]
+    (root / "conftest.py").write_text(STAGE_CONFTEST.replace("@ORDER@", repr(tests)))
+
+
+def write_config(root: Path, shard: str) -> None:
+    """The stage conftest and the mutmut and pytest configuration of a shard."""
+    modules = SHARDS[shard][0]
+    write_conftest(root, shard)
+    toml_list = lambda items: "[" + ", ".join(json.dumps(i) for i in items) + "]"  # noqa: E731
+    deselect = [arg for test in SLOW for arg in ("--deselect", test)]
+    (root / "pyproject.toml").write_text(
+        f"""\
+[tool.mutmut]
+source_paths = ["src"]
+only_mutate = {toml_list(MODULES[m][0] for m in modules)}
+do_not_mutate_patterns = {toml_list(NOT_BEHAVIOUR)}
+also_copy = {toml_list(["conftest.py", *COPIED])}
+pytest_add_cli_args_test_selection = ["tests"]
+pytest_add_cli_args = {toml_list(["-p", "no:cacheprovider", "-m", "not slow", "--timeout=120", *deselect])}
+process_isolation = "forkserver"
+use_git_change_detection = false
+
+[tool.pytest.ini_options]
+markers = ["slow: long-running"]
+"""
+    )
+
+
 def stage(shard: str) -> Path:
     """Write the importable layout, the tests and the mutmut configuration of one shard."""
     root = STAGE / shard
-    modules, tests = SHARDS[shard]
-    tests = [t for t in tests if (ROOT / t).exists()]
+    modules = SHARDS[shard][0]
     shutil.rmtree(root, ignore_errors=True)
     for target, source in PACKAGES.items():
         shutil.copytree(ROOT / source, root / "src" / target, ignore=shutil.ignore_patterns("__pycache__"))
@@ -170,36 +211,20 @@ def stage(shard: str) -> Path:
             shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__", "node_modules"))
         elif source.exists():
             shutil.copy2(source, root / name)
-    (root / "conftest.py").write_text(STAGE_CONFTEST.replace("@ORDER@", repr(tests)))
-    toml_list = lambda items: "[" + ", ".join(json.dumps(i) for i in items) + "]"  # noqa: E731
-    deselect = [arg for test in SLOW for arg in ("--deselect", test)]
-    (root / "pyproject.toml").write_text(
-        f"""\
-[tool.mutmut]
-source_paths = ["src"]
-only_mutate = {toml_list(MODULES[m][0] for m in modules)}
-do_not_mutate_patterns = {toml_list(NOT_BEHAVIOUR)}
-also_copy = {toml_list(["conftest.py", *COPIED])}
-pytest_add_cli_args_test_selection = {toml_list(tests)}
-pytest_add_cli_args = {toml_list(["-p", "no:cacheprovider", "-m", "not slow", "--timeout=120", *deselect])}
-process_isolation = "forkserver"
-use_git_change_detection = false
-
-[tool.pytest.ini_options]
-markers = ["slow: long-running"]
-"""
-    )
+    write_config(root, shard)
     return root
 
 
-def run_mutmut(root: Path, max_children: int) -> float:
-    """Run mutmut in one shard's stage; wall time in seconds."""
+def run_mutmut(root: Path, max_children: int, mutants: list[str] | None = None) -> tuple[float, float]:
+    """Run mutmut in one shard's stage: (wall time, CPU time of it and its children), in seconds."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
     env.pop("PYTHONPATH", None)
     mutmut = Path(sys.executable).parent / "mutmut"
-    start = time.monotonic()
-    subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=root, env=env, check=True)
-    return time.monotonic() - start
+    start, cpu = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    command = [str(mutmut), "run", "--max-children", str(max_children), *(mutants or [])]
+    subprocess.run(command, cwd=root, env=env, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.monotonic() - start, after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
 
 
 def load_results(shard: str) -> dict[str, dict[str, int | None]]:
@@ -245,7 +270,7 @@ def function_of(mutant: str) -> str:
     return mangled[2:] if mangled.startswith("x_") else ".".join(mangled.split("\u01c1")[1:3])
 
 
-def report(shards: list[str], wall_s: dict[str, float], max_children: int) -> str:
+def report(shards: list[str], times: dict[str, tuple[float, float]], max_children: int) -> str:
     import mutmut
 
     equivalents = load_equivalents()
@@ -279,8 +304,10 @@ def report(shards: list[str], wall_s: dict[str, float], max_children: int) -> st
         *(f"tests of shard {s}: {', '.join(SHARDS[s][1])}" for s in shards),
         f"deselected as slow: {', '.join(SLOW)}; tests that start a subprocess are skipped",
         f"command: make mutation  (python scripts/mutation.py --max-children {max_children})",
-        f"wall time: {sum(wall_s.values()) / 60:.1f} min on {os.cpu_count()} cores "
-        f"({', '.join(f'{s} {w / 60:.1f} min' for s, w in wall_s.items())})",
+        f"wall time: {sum(w for w, _ in times.values()) / 60:.1f} min on {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f} at the end ({', '.join(f'{s} {w / 60:.1f} min' for s, (w, _) in times.items())})",
+        f"CPU time: {sum(c for _, c in times.values()) / 60:.1f} min; on {max_children} unshared cores about "
+        f"{sum(c for _, c in times.values()) / 60 / max_children:.1f} min of wall time",
         "timeouts count as killed (the mutant made the tests hang); 'no tests' and 'suspicious' count as survived",
         "",
         f"{'module':<10} {'shard':<7} {'file':<34} {'killed':>6} {'survived':>8} {'timeout':>7} {'total':>5} {'killed%':>7}",
@@ -294,24 +321,42 @@ def report(shards: list[str], wall_s: dict[str, float], max_children: int) -> st
     return "\n".join(lines) + "\n"
 
 
+def rerun_survivors(shard: str, max_children: int) -> tuple[float, float]:
+    """Copy the current tests into a finished shard and run its surviving mutants again (after new tests)."""
+    root = STAGE / shard
+    for tests in (root / "tests", root / "mutants" / "tests"):
+        shutil.copytree(ROOT / "tests", tests, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", ".hypothesis"))
+    write_conftest(root, shard)  # not the pyproject: a changed test selection would void every result
+    shutil.copy2(root / "conftest.py", root / "mutants" / "conftest.py")
+    alive = [m for codes in load_results(shard).values() for m, c in codes.items() if STATUS.get(c) not in ("killed", "timeout")]
+    if not alive:
+        return 0.0, 0.0
+    return run_mutmut(root, max_children, alive)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", default=",".join(SHARDS), help=f"comma-separated, of {', '.join(SHARDS)}")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--report-only", action="store_true", help="rewrite the results file from the last run")
+    parser.add_argument("--rerun-survivors", action="store_true", help="run the survivors again with the current tests")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     shards = args.shards.split(",")
     unknown = set(shards) - set(SHARDS)
     if unknown:
         parser.error(f"unknown shards {sorted(unknown)}; expected some of {', '.join(SHARDS)}")
-    wall_s: dict[str, float] = {}
+    times: dict[str, tuple[float, float]] = {}
     for shard in shards:
-        timing = STAGE / shard / "wall_s"
-        if not args.report_only:
-            timing.write_text(f"{run_mutmut(stage(shard), args.max_children):.0f}")
-        wall_s[shard] = float(timing.read_text()) if timing.exists() else 0.0
-    text = report(shards, wall_s, args.max_children)
+        timing = STAGE / shard / "times_s.json"
+        if args.rerun_survivors:
+            wall, cpu = json.loads(timing.read_text())
+            again = rerun_survivors(shard, args.max_children)
+            timing.write_text(json.dumps([wall + again[0], cpu + again[1]]))
+        elif not args.report_only:
+            timing.write_text(json.dumps(run_mutmut(stage(shard), args.max_children)))
+        times[shard] = tuple(json.loads(timing.read_text())) if timing.exists() else (0.0, 0.0)
+    text = report(shards, times, args.max_children)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
     print(text.rstrip().splitlines()[-1])

@@ -357,3 +357,9 @@ def test_requires_grad_on_an_integer_tensor_is_refused_with_the_reason() -> None
         ),
     ):
         codec.decode_value(bad)
+
+
+def test_numpy_dtype_torch_lacks_is_refused_with_torchs_reason() -> None:
+    array = np.ones(2, dtype=np.longdouble)
+    with pytest.raises(codec.CodecError, match=f"^a numpy array of dtype {array.dtype} cannot be sent: .+"):
+        codec.encode_tensor(array)
