@@ -66,19 +66,26 @@ SHARDS: dict[str, tuple[list[str], list[str]]] = {
         ["tests/test_codec_exact.py", "tests/test_codec.py", "tests/test_golden.py", "tests/test_streaming.py"],
     ),
     "server": (
-        ["handles", "contract", "checks", "errors", "servicer", "runtime"],
+        ["handles", "contract", "checks", "errors", "servicer"],
         [
             "tests/test_checks.py",
             "tests/test_servicer_mapping.py",
             "tests/test_runtime.py",
             "tests/test_registry.py",
-            "tests/test_contract.py",
+            "tests/test_examples.py",
+        ],
+    ),
+    "client": (["autograd"], ["tests/test_autograd_bridge.py", "tests/test_gradients.py", "tests/test_service.py"]),
+    "runtime": (
+        ["runtime"],
+        [
+            "tests/test_runtime.py",
+            "tests/test_servicer_mapping.py",
             "tests/test_examples.py",
             "tests/test_service.py",
             "tests/test_bad_input.py",
         ],
     ),
-    "client": (["autograd"], ["tests/test_autograd_bridge.py", "tests/test_gradients.py", "tests/test_service.py"]),
 }
 SLOW = [
     "tests/test_gradients.py::test_random_backwards_of_other_callers_do_not_shift_a_replayed_mask",

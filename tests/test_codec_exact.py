@@ -89,10 +89,14 @@ def test_what_names_the_tensor_in_every_decoder() -> None:
 def test_value_and_maybe_tensor_pass_the_size_limit_on() -> None:
     value = codec.encode_value(torch.arange(4.0))
     assert codec.decode_value(value, max_tensor_bytes=16).tolist() == [0.0, 1.0, 2.0, 3.0]
-    with pytest.raises(codec.TensorTooLarge, match=exactly("a 0: float32 tensor of shape [4] is 16 bytes, over the limit of 15 bytes")):
+    with pytest.raises(
+        codec.TensorTooLarge, match=exactly("a 0: float32 tensor of shape [4] is 16 bytes, over the limit of 15 bytes")
+    ):
         codec.decode_value(value, max_tensor_bytes=15, what="a 0")
     maybe = codec.encode_maybe_tensor(torch.arange(4.0))
-    with pytest.raises(codec.TensorTooLarge, match=exactly("tensor: float32 tensor of shape [4] is 16 bytes, over the limit of 15 bytes")):
+    with pytest.raises(
+        codec.TensorTooLarge, match=exactly("tensor: float32 tensor of shape [4] is 16 bytes, over the limit of 15 bytes")
+    ):
         codec.decode_maybe_tensor(maybe, max_bytes=15)
 
 
@@ -216,8 +220,7 @@ def test_sparse_parts_are_named_in_errors() -> None:
             torch.zeros(2, 2, dtype=torch.int32),
             torch.ones(2),
             [2, 3],
-            "sparse indices must be int64 of shape [sparse_dim, nnz] with nnz = values.shape[0]; "
-            "got int32 [2, 2] and values [2]",
+            "sparse indices must be int64 of shape [sparse_dim, nnz] with nnz = values.shape[0]; got int32 [2, 2] and values [2]",
         ),
         (
             torch.zeros(4, dtype=torch.int64),
@@ -229,15 +232,13 @@ def test_sparse_parts_are_named_in_errors() -> None:
             torch.zeros(2, 3, dtype=torch.int64),
             torch.ones(2),
             [2, 3],
-            "sparse indices must be int64 of shape [sparse_dim, nnz] with nnz = values.shape[0]; "
-            "got int64 [2, 3] and values [2]",
+            "sparse indices must be int64 of shape [sparse_dim, nnz] with nnz = values.shape[0]; got int64 [2, 3] and values [2]",
         ),
         (
             torch.zeros(2, 1, dtype=torch.int64),
             torch.tensor(1.0),
             [2, 3],
-            "sparse indices must be int64 of shape [sparse_dim, nnz] with nnz = values.shape[0]; "
-            "got int64 [2, 1] and values []",
+            "sparse indices must be int64 of shape [sparse_dim, nnz] with nnz = values.shape[0]; got int64 [2, 1] and values []",
         ),
         (
             torch.zeros(1, 2, dtype=torch.int64),
@@ -300,9 +301,7 @@ def test_sparse_index_outside_the_shape_is_refused_with_torchs_first_line() -> N
 
 
 def test_long_sparse_errors_are_cut_to_200_characters() -> None:
-    msg = pb.SparseTensor(
-        shape=[2], indices=codec.encode_tensor(torch.tensor([[7]])), values=codec.encode_tensor(torch.ones(1))
-    )
+    msg = pb.SparseTensor(shape=[2], indices=codec.encode_tensor(torch.tensor([[7]])), values=codec.encode_tensor(torch.ones(1)))
     with pytest.raises(codec.CodecError) as info:
         codec.decode_sparse(msg)
     detail = str(info.value).removeprefix("tensor: invalid sparse tensor: ")
@@ -316,9 +315,12 @@ def test_numpy_inputs_exact() -> None:
     with pytest.raises(codec.CodecError, match=exactly("expected a torch.Tensor or numpy.ndarray, got list")):
         codec.encode_tensor([1.0])
     for array in (np.array(["a"]), np.array([b"x"]), np.array([1], dtype=object), np.array(["2020-01-01"], dtype="M8[D]")):
-        with pytest.raises(codec.CodecError, match=exactly(
+        with pytest.raises(
+            codec.CodecError,
+            match=exactly(
                 f"a numpy array of dtype {array.dtype} cannot be sent; expected a bool, integer, float or complex array"
-            ),):
+            ),
+        ):
             codec.encode_tensor(array)
     big_endian = np.array([1.0, 2.0], dtype=">f4")
     msg = codec.encode_tensor(big_endian)
