@@ -288,19 +288,20 @@ def report(shards: list[str], times: dict[str, tuple[float, float]], max_childre
             path, functions = MODULES[name]
             scope.append(path[4:] + (f" ({', '.join(sorted(functions))})" if functions else ""))
             counts = Counter(STATUS.get(code, "suspicious") for code in codes.values())
-            n = sum(counts.values())
+            n = sum(counts.values()) - counts["not checked"]
             killed = counts["killed"] + counts["timeout"]
-            rows.append(f"{name:<10} {shard:<7} {path[4:]:<34} {counts['killed']:>6} {n - killed:>8} {counts['timeout']:>7} "
-                        f"{n:>5} {100 * killed / n if n else 0:>6.1f}%")  # fmt: skip
+            rows.append(f"{name:<10} {shard:<7} {path[4:]:<34} {killed:>6} {n - killed:>8} {counts['timeout']:>7} "
+                        f"{n:>5} {100 * killed / n if n else 0:>6.1f}% {counts['not checked']:>9}")  # fmt: skip
             total.update(counts)
-            alive = sorted((m for m, c in codes.items() if STATUS.get(c, "suspicious") not in ("killed", "timeout")),
+            done = ("killed", "timeout", "not checked")
+            alive = sorted((m for m, c in codes.items() if STATUS.get(c, "suspicious") not in done),
                            key=lambda m: (function_of(m), int(m.rpartition("_")[2])))  # fmt: skip
             diffs = mutant_diffs(shard, name, alive)
             for mutant in alive:
                 function, diff = function_of(mutant), diffs[mutant]
                 reason = next((r for f, t, r in equivalents if f == function and t in diff), "UNEXPLAINED")
                 survivors.append(f"- {mutant} [{STATUS.get(codes[mutant], 'suspicious')}]\n    {diff}\n    reason: {reason}")
-    n = sum(total.values())
+    n = sum(total.values()) - total["not checked"]
     killed = total["killed"] + total["timeout"]
     lines = [
         "# Mutation testing (issue 14)",
@@ -315,9 +316,11 @@ def report(shards: list[str], times: dict[str, tuple[float, float]], max_childre
         f"{os.getloadavg()[0]:.1f} at the end ({', '.join(f'{s} {w / 60:.1f} min' for s, (w, _) in times.items())})",
         f"CPU time: {sum(c for _, c in times.values()) / 60:.1f} min; on {max_children} unshared cores about "
         f"{sum(c for _, c in times.values()) / 60 / max_children:.1f} min of wall time",
-        "timeouts count as killed (the mutant made the tests hang); 'no tests' and 'suspicious' count as survived",
+        "timeouts count as killed (the mutant made the tests hang); 'no tests' and 'suspicious' count as survived;",
+        "'unchecked' mutants (the run was stopped before their turn) are not counted in K or N",
         "",
-        f"{'module':<10} {'shard':<7} {'file':<34} {'killed':>6} {'survived':>8} {'timeout':>7} {'total':>5} {'killed%':>7}",
+        f"{'module':<10} {'shard':<7} {'file':<34} {'killed':>6} {'survived':>8} {'timeout':>7} {'total':>5} {'killed%':>7} "
+        f"{'unchecked':>9}",
         *rows,
         "",
         f"surviving mutants ({len(survivors)}), each with the reason it is equivalent or left:",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradserve.v1 import codec
+from gradserve.v1 import codec, streaming
 from gradserve.v1 import gradserve_pb2 as pb
 
 F32 = pb.DTYPE_FLOAT32
@@ -365,3 +365,63 @@ def test_numpy_dtype_torch_lacks_is_refused_with_torchs_reason() -> None:
     array = np.ones(2, dtype=np.longdouble)
     with pytest.raises(codec.CodecError, match=f"^a numpy array of dtype {array.dtype} cannot be sent: .+"):
         codec.encode_tensor(array)
+
+
+# -- stream framing ------------------------------------------------------------------------
+
+
+def header(*shapes: list[int], data: bytes = b"") -> pb.ForwardRequest:
+    """A streamed request's header: one float32 argument per shape, no inline data."""
+    args = [pb.Value(tensor=pb.Tensor(dtype=F32, shape=shape, data=data)) for shape in shapes]
+    return pb.ForwardRequest(function="f", args=args)
+
+
+def test_stream_header_errors_exact() -> None:
+    with pytest.raises(
+        codec.CodecError, match=exactly("stream: streamed tensor 0 carries data in the header; send it in data chunks")
+    ):
+        streaming.Assembler(header([1], data=b"\0\0\0\0"))
+    bad = pb.ForwardRequest(function="f", args=[pb.Value(tensor=pb.Tensor(dtype=F32, shape=[1])), pb.Value(tensor=pb.Tensor())])
+    expected = ", ".join(pb.DType.Name(v) for v in sorted(codec.WIRE_TO_DTYPE))
+    with pytest.raises(
+        codec.CodecError, match=exactly(f"sq streamed tensor 1: dtype is DTYPE_UNSPECIFIED; expected one of {expected}")
+    ):
+        streaming.Assembler(bad, what="sq")
+
+
+def test_stream_limits_at_n_and_n_plus_one() -> None:
+    assert streaming.Assembler(header([4], [2]), max_tensor_bytes=16, max_total_bytes=24).sizes == [16, 8]
+    with pytest.raises(
+        codec.TensorTooLarge, match=exactly("stream streamed tensor 0 of shape [4] is 16 bytes, over the limit of 15 bytes")
+    ):
+        streaming.Assembler(header([4], [2]), max_tensor_bytes=15)
+    with pytest.raises(
+        codec.TensorTooLarge, match=exactly("s: streamed tensors total 24 bytes, over the request limit of 23 bytes")
+    ):
+        streaming.Assembler(header([4], [2]), max_total_bytes=23, what="s")
+
+
+def test_chunks_that_straddle_tensors_fill_each_buffer() -> None:
+    assembler = streaming.Assembler(header([1], [1]))
+    assembler.feed(bytes([1, 2]))
+    assembler.feed(bytes([3, 4, 5, 6]))  # the rest of the first tensor and part of the second
+    assembler.feed(bytes([7, 8]))
+    assert [p.tolist() for p in assembler.payloads()] == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    with pytest.raises(codec.CodecError, match=exactly("stream: more data than the 8 bytes the header declares")):
+        assembler.feed(b"\0")
+
+
+def test_trailing_empty_tensors_need_no_chunk() -> None:
+    assembler = streaming.Assembler(header([1], [0], [2, 0]))
+    assembler.feed(bytes([1, 2, 3, 4]))
+    payloads = list(assembler.payloads())
+    assert [(p.dtype, p.numel()) for p in payloads] == [(torch.uint8, 4), (torch.uint8, 0), (torch.uint8, 0)]
+
+
+def test_a_short_stream_says_how_much_arrived() -> None:
+    with pytest.raises(codec.CodecError, match=exactly("stream: stream ended after 0 of the 8 bytes the header declares")):
+        streaming.Assembler(header([1], [1])).payloads()
+    assembler = streaming.Assembler(header([1], [1], [1]), what="s")
+    assembler.feed(bytes(6))
+    with pytest.raises(codec.CodecError, match=exactly("s: stream ended after 6 of the 12 bytes the header declares")):
+        assembler.payloads()
