@@ -70,6 +70,7 @@ SHARDS: dict[str, tuple[list[str], list[str]]] = {
         [
             "tests/test_checks.py",
             "tests/test_servicer_mapping.py",
+            "tests/test_handle_store.py",
             "tests/test_runtime.py",
             "tests/test_registry.py",
             "tests/test_examples.py",
