@@ -31,6 +31,9 @@ class Context:
         self.remaining_s = remaining_s
         self.active = active
         self.status: Any = None
+        self.ended = False
+        self.callbacks: list[Any] = []
+        self.initial_metadata: Any = None
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return (("x-request-id", "req-1"),)
@@ -48,7 +51,12 @@ class Context:
         return self.active
 
     def add_callback(self, callback: Any) -> bool:
-        return True
+        """Like grpc: False once the call has already ended (here: ``ended`` set)."""
+        self.callbacks.append(callback)
+        return not self.ended
+
+    def send_initial_metadata(self, metadata: Any) -> None:
+        self.initial_metadata = metadata
 
     def abort_with_status(self, status: Any) -> None:
         self.status = status
@@ -182,3 +190,35 @@ def test_a_good_call_is_counted_once_as_ok_with_its_bytes(servicer: GradientServ
     assert sample("gradserve_request_bytes_total", {"method": "Forward"}) == request.ByteSize()
     assert sample("gradserve_response_bytes_total", {"method": "Forward"}) == reply.ByteSize()
     assert sample("gradserve_calls_in_flight") == 0
+
+
+def streamed_square(x: float) -> list[pb.StreamRequest]:
+    header = pb.ForwardRequest(function="square", args=[pb.Value(tensor=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1]))])
+    return [pb.StreamRequest(forward=header), pb.StreamRequest(data=torch.tensor([x]).numpy().tobytes())]
+
+
+def test_a_streamed_call_is_counted_ok_when_its_reply_went_out(servicer: GradientServicer) -> None:
+    context = Context()
+    replies = list(servicer.StreamCall(iter(streamed_square(3.0)), context))
+    assert context.initial_metadata == (("gradserve-accepted", "1"),)
+    header, data = replies
+    payload = torch.frombuffer(bytearray(data.data), dtype=torch.uint8)
+    out = codec.decode_tensor(header.forward.outputs[0], payloads=iter([payload]))
+    assert out.tolist() == [9.0]
+    assert requests(servicer, "square", "StreamCall", "OK") == 0  # counted when gRPC ends the call
+    (ended,) = context.callbacks
+    ended()
+    assert requests(servicer, "square", "StreamCall", "OK") == 1
+
+
+@pytest.mark.parametrize(
+    ("remaining_s", "code"), [(0.0, "DEADLINE_EXCEEDED"), (-0.5, "DEADLINE_EXCEEDED"), (2.0, "CANCELLED"), (None, "CANCELLED")]
+)
+def test_a_caller_gone_before_the_streamed_reply_is_counted_with_the_reason(
+    servicer: GradientServicer, remaining_s: float | None, code: str
+) -> None:
+    context = Context(remaining_s=remaining_s)
+    context.ended = True  # the call ended while the work ran: gRPC takes no callback any more
+    servicer.StreamCall(iter(streamed_square(3.0)), context)
+    assert requests(servicer, "square", "StreamCall", code) == 1
+    assert servicer.metrics.registry.get_sample_value("gradserve_calls_in_flight") == 0
