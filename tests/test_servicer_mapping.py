@@ -6,6 +6,7 @@ the status it aborts with; nothing listens on a port.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import grpc
@@ -143,7 +144,7 @@ def test_unexpected_errors_are_internal_with_only_the_request_id(
     [
         (0.0, grpc.StatusCode.DEADLINE_EXCEEDED),
         (-1.0, grpc.StatusCode.DEADLINE_EXCEEDED),
-        (5.0, grpc.StatusCode.CANCELLED),
+        (0.5, grpc.StatusCode.CANCELLED),
         (None, grpc.StatusCode.CANCELLED),
     ],
 )
@@ -222,3 +223,31 @@ def test_a_caller_gone_before_the_streamed_reply_is_counted_with_the_reason(
     servicer.StreamCall(iter(streamed_square(3.0)), context)
     assert requests(servicer, "square", "StreamCall", code) == 1
     assert servicer.metrics.registry.get_sample_value("gradserve_calls_in_flight") == 0
+
+
+def test_each_call_logs_one_record_with_its_fields(servicer: GradientServicer, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="gradserve.calls"):
+        servicer.Forward(forward("square", torch.tensor([2.0])), Context())
+    (record,) = [r for r in caplog.records if r.name == "gradserve.calls"]
+    duration_s = servicer.metrics.registry.get_sample_value(
+        "gradserve_request_duration_seconds_sum", {"function": "square", "method": "Forward"}
+    )
+    assert 0 < duration_s < 10
+    fields = {k: getattr(record, k) for k in ("request_id", "method", "function", "code", "duration_ms", "peer")}
+    assert fields == {
+        "request_id": "req-1",
+        "method": "Forward",
+        "function": "square",
+        "code": "OK",
+        "duration_ms": round(1e3 * duration_s, 3),
+        "peer": "ipv4:127.0.0.1:1",
+    }
+
+
+def test_a_call_is_counted_once_even_if_its_end_is_reported_twice(servicer: GradientServicer) -> None:
+    context = Context()
+    list(servicer.StreamCall(iter(streamed_square(1.0)), context))
+    (ended,) = context.callbacks
+    ended()
+    ended()
+    assert requests(servicer, "square", "StreamCall", "OK") == 1
