@@ -57,6 +57,12 @@ MODULES: dict[str, tuple[str, set[str] | None]] = {
     "autograd": ("src/gradserve/client/_autograd.py", None),
 }
 
+# Said in the results file of modules whose rows need a word.
+NOTES = {
+    "errors": "errors: no mutants; the module is class attributes only (status code and reason of each error), "
+    "which mutmut 3 does not mutate (it mutates function bodies); tests/test_servicer_mapping.py pins each pair it maps",
+}
+
 # Shards: each is one mutmut run with its own fast, in-process tests (unit tests of its
 # modules, service tests against an in-process server). Tests that start subprocesses are
 # skipped by the stage conftest; SLOW tests (over a second each) are deselected.
@@ -323,6 +329,7 @@ def report(shards: list[str], times: dict[str, tuple[float, float]], max_childre
         f"{'module':<10} {'shard':<7} {'file':<34} {'killed':>6} {'survived':>8} {'timeout':>7} {'total':>5} {'killed%':>7} "
         f"{'unchecked':>9}",
         *rows,
+        *(NOTES[name] for shard in shards for name in SHARDS[shard][0] if name in NOTES),
         "",
         f"surviving mutants ({len(survivors)}), each with the reason it is equivalent or left:",
         *survivors,

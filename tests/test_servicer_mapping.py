@@ -14,7 +14,7 @@ import pytest
 import torch
 from google.rpc import error_details_pb2, status_pb2
 
-from gradserve.server import Runtime, registry
+from gradserve.server import Runtime, _errors, registry
 from gradserve.server._metrics import Metrics
 from gradserve.server._servicer import ERROR_DOMAIN, GradientServicer
 from gradserve.v1 import codec
@@ -251,3 +251,34 @@ def test_a_call_is_counted_once_even_if_its_end_is_reported_twice(servicer: Grad
     ended()
     ended()
     assert requests(servicer, "square", "StreamCall", "OK") == 1
+
+
+ERRORS = [
+    ("FunctionNotFound", "NOT_FOUND", "FUNCTION_NOT_FOUND"),
+    ("HandleNotFound", "NOT_FOUND", "HANDLE_NOT_FOUND"),
+    ("InvalidArgument", "INVALID_ARGUMENT", "INVALID_ARGUMENT"),
+    ("ResourceExhausted", "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED"),
+    ("FunctionError", "FAILED_PRECONDITION", "FUNCTION_ERROR"),
+    ("FunctionUnavailable", "FAILED_PRECONDITION", "FUNCTION_UNAVAILABLE"),
+    ("NonFinite", "FAILED_PRECONDITION", "NON_FINITE"),
+    ("Abandoned", "CANCELLED", "ABANDONED"),
+    ("VersionMismatch", "FAILED_PRECONDITION", "VERSION_MISMATCH"),
+    ("DoubleBackwardUnsupported", "FAILED_PRECONDITION", "DOUBLE_BACKWARD_UNSUPPORTED"),
+    ("RngMismatch", "FAILED_PRECONDITION", "RNG_MISMATCH"),
+]
+
+
+@pytest.mark.parametrize(("error", "code", "reason"), ERRORS)
+def test_every_domain_error_has_its_status_code_and_reason(
+    servicer: GradientServicer, monkeypatch: pytest.MonkeyPatch, error: str, code: str, reason: str
+) -> None:
+    def raising(*args: Any, **kwargs: Any) -> None:
+        raise getattr(_errors, error)(f"{error} happened")
+
+    monkeypatch.setattr(servicer.runtime, "forward", raising)
+    assert aborted(servicer, "Forward", forward("square", torch.ones(1)))[:3] == (
+        grpc.StatusCode[code],
+        reason,
+        f"{error} happened",
+    )
+    assert sorted(_errors.__all__) == sorted(["GradServeServerError", *(name for name, _, _ in ERRORS)])
