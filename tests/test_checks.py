@@ -297,3 +297,31 @@ def test_setup_context_functions_are_checked_too() -> None:
         backward_of(Split, torch.ones(2, requires_grad=True))
     checked = contract_checked(Split, "f")
     assert (checked.__name__, checked.__qualname__, checked.__doc__) == ("Split", Split.__qualname__, Split.__doc__)
+
+
+def test_default_samples_give_one_input_per_required_parameter_and_one_for_varargs() -> None:
+    class Product(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            ctx.save_for_backward(x, y)
+            return x * y
+
+        @staticmethod
+        def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = ctx.saved_tensors
+            return g * y, g * x
+
+    class FirstTwice(torch.autograd.Function):
+        """2 * xs[0]: one gradient, so right only when called with exactly one input."""
+
+        @staticmethod
+        def forward(ctx: Any, *xs: torch.Tensor) -> torch.Tensor:
+            return 2 * xs[0]
+
+        @staticmethod
+        def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+            return 2 * g
+
+    reg = Registry()
+    assert check_function(reg.add(Product, name="product")) == CheckResult("product", "pass", "skip", "")
+    assert check_function(reg.add(FirstTwice, name="first_twice")) == CheckResult("first_twice", "pass", "skip", "")
