@@ -86,11 +86,13 @@ SHARDS: dict[str, tuple[list[str], list[str]]] = {
     "runtime": (
         ["runtime"],
         [
+            "tests/test_runtime_exact.py",
             "tests/test_runtime.py",
             "tests/test_servicer_mapping.py",
             "tests/test_examples.py",
             "tests/test_service.py",
             "tests/test_bad_input.py",
+            "tests/test_gradients.py",
         ],
     ),
 }
