@@ -425,3 +425,56 @@ def test_a_short_stream_says_how_much_arrived() -> None:
     assembler.feed(bytes(6))
     with pytest.raises(codec.CodecError, match=exactly("s: stream ended after 6 of the 12 bytes the header declares")):
         assembler.payloads()
+
+
+# -- more exact edges (found by mutation testing) ------------------------------------------
+
+
+def test_a_size_one_slice_of_any_stride_travels() -> None:
+    one = torch.arange(6.0)[::2][1:2]  # one element, stride 2
+    assert codec.encode_tensor(one).data == bytes.fromhex("00000040")  # float32 2.0
+    assert codec.decode_tensor(codec.encode_tensor(torch.tensor(2.0).expand(1, 1))).tolist() == [[2.0]]  # stride 0
+
+
+def test_bool_bytes_other_than_0_and_1_are_refused() -> None:
+    with pytest.raises(codec.CodecError, match=exactly("tensor: bool tensor holds a byte other than 0 or 1")):
+        codec.decode_tensor(pb.Tensor(dtype=pb.DTYPE_BOOL, shape=[2], data=b"\x01\x02"))
+    assert codec.decode_tensor(pb.Tensor(dtype=pb.DTYPE_BOOL, shape=[2], data=b"\x01\x00")).tolist() == [True, False]
+
+
+def test_nested_and_unsupported_tensors_are_refused_exactly() -> None:
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    with pytest.raises(
+        codec.CodecError, match=exactly("a nested tensor cannot be sent; send its components as separate tensors")
+    ):
+        codec.encode_tensor(nested)
+    supported = ", ".join(str(d).removeprefix("torch.") for d in codec.DTYPE_TO_WIRE)
+    with pytest.raises(codec.CodecError, match=exactly(f"dtype float8_e4m3fnuz cannot be sent; supported: {supported}")):
+        codec.encode_tensor(torch.zeros(1, dtype=torch.float8_e4m3fnuz))
+
+
+def test_byte_count_and_stride_limits_sit_exactly_at_int64() -> None:
+    u8, f32 = pb.DTYPE_UINT8, pb.DTYPE_FLOAT32
+    largest = 2**63 - 1
+    assert codec.tensor_nbytes(pb.Tensor(dtype=u8, shape=[largest])) == largest  # exactly int64's maximum: accepted
+    assert codec.tensor_nbytes(pb.Tensor(dtype=u8, shape=[0, largest])) == 0
+    assert codec.tensor_nbytes(pb.Tensor(dtype=u8, shape=[0, 2**62])) == 0
+    with pytest.raises(
+        codec.TensorTooLarge,
+        match=exactly("tensor: shape [4611686018427387904] has 4611686018427387904 elements, over the int64 limit"),
+    ):
+        codec.tensor_nbytes(pb.Tensor(dtype=f32, shape=[2**62]))
+    with pytest.raises(
+        codec.CodecError,
+        match=exactly("tensor: shape [0, 4611686018427387904] overflows int64 strides, though it has 0 elements"),
+    ):
+        codec.tensor_nbytes(pb.Tensor(dtype=f32, shape=[0, 2**62]))
+    with pytest.raises(codec.CodecError, match="^tensor: shape \\[0, 4611686018427387904, 2\\] overflows int64 strides"):
+        codec.tensor_nbytes(pb.Tensor(dtype=u8, shape=[0, 2**62, 2]))
+
+
+def test_hybrid_sparse_tensors_keep_their_dense_dimensions() -> None:
+    hybrid = torch.sparse_coo_tensor(torch.tensor([[0, 1]]), torch.arange(6.0).reshape(2, 3), (2, 3), check_invariants=True)
+    back = codec.decode_sparse(codec.encode_sparse(hybrid))
+    assert back.sparse_dim() == 1 and back.dense_dim() == 1
+    assert back.to_dense().tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
