@@ -281,13 +281,15 @@ def test_gradients_torch_would_accept_pass_the_contract() -> None:
 
 def test_setup_context_functions_are_checked_too() -> None:
     class Split(torch.autograd.Function):
+        """2x, with a backward one element too long."""
+
         @staticmethod
         def forward(x: torch.Tensor) -> torch.Tensor:
             return x * 2
 
         @staticmethod
         def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-            ctx.n = inputs[0].numel()
+            ctx.n = output.numel()
 
         @staticmethod
         def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
@@ -297,6 +299,7 @@ def test_setup_context_functions_are_checked_too() -> None:
         backward_of(Split, torch.ones(2, requires_grad=True))
     checked = contract_checked(Split, "f")
     assert (checked.__name__, checked.__qualname__, checked.__doc__) == ("Split", Split.__qualname__, Split.__doc__)
+    assert checked.__module__ == Split.__module__ == __name__
 
 
 def test_default_samples_give_one_input_per_required_parameter_and_one_for_varargs() -> None:
@@ -325,3 +328,32 @@ def test_default_samples_give_one_input_per_required_parameter_and_one_for_varar
     reg = Registry()
     assert check_function(reg.add(Product, name="product")) == CheckResult("product", "pass", "skip", "")
     assert check_function(reg.add(FirstTwice, name="first_twice")) == CheckResult("first_twice", "pass", "skip", "")
+
+
+def test_a_none_gradient_does_not_end_the_checks_of_the_next_ones() -> None:
+    x, y = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
+    with pytest.raises(BackwardContractError, match=exactly("f backward: gradient for argument 1: got shape [5], expected [2]")):
+        backward_of(returning(None, torch.ones(5)), x, y)
+
+
+def test_every_failed_order_and_kind_is_in_the_detail() -> None:
+    class WrongTwice(torch.autograd.Function):
+        """x**2 with backward 3 x g, 3 x kept as a ctx attribute: wrong at first order (real and
+        complex inputs) and at second order (autograd cannot see through the attribute)."""
+
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+            ctx.three_x = 3 * x
+            return x * x
+
+        @staticmethod
+        def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+            return ctx.three_x * g
+
+    reg = Registry()
+    first_only = check_function(reg.add(WrongTwice, name="c", supports_complex=True, sample_inputs=lambda: x64(0.5)))
+    parts = first_only.detail.split("; ")
+    assert [p.split(":")[0] for p in parts] == ["first order (float64)", "first order (complex128)"]
+    both = check_function(reg.add(WrongTwice, name="d", double_backward=True, sample_inputs=lambda: x64(0.5)))
+    assert (both.first_order, both.second_order) == ("fail", "fail")
+    assert [p.split(":")[0] for p in both.detail.split("; ")] == ["first order (float64)", "second order (float64)"]
