@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from gradserve.server import Runtime, registry, resolve_device
-from gradserve.server._errors import RngMismatch
+from gradserve.server._errors import (
+    DoubleBackwardUnsupported,
+    HandleNotFound,
+    InvalidArgument,
+    NonFinite,
+    RngMismatch,
+    VersionMismatch,
+)
 from gradserve.server._runtime import RngReplay
 
 
@@ -98,3 +105,78 @@ def test_second_order_by_recompute_matches_hand_computed_values(runtime: Runtime
     )
     again = runtime.backward("square", handle=by_handle.handle, grad_outputs=[w]).grads
     assert [t.tolist() for t in again] == [[6.0, 4.0], [3.0, -16.0]]
+
+
+def exactly(message: str) -> str:
+    return "^" + re.escape(message) + "$"
+
+
+def test_backward_requests_must_be_either_by_handle_or_by_recompute(runtime: Runtime) -> None:
+    x = x64(1.0)
+    handle = runtime.forward("square", [x], keep_graph=True).handle
+    either = "backward needs either a graph handle or the arguments to recompute, not both"
+    with pytest.raises(InvalidArgument, match=exactly(either)):
+        runtime.backward("square", handle=handle, args=[x])
+    with pytest.raises(InvalidArgument, match=exactly(either)):
+        runtime.backward("square")
+    extras = "keyword arguments, lower_order and rng go with a recompute, not with a handle"
+    for extra in ({"kwargs": {"k": 1.0}}, {"lower_order": [[None]]}, {"rng": RngReplay(1, "cpu", torch.__version__)}):
+        with pytest.raises(InvalidArgument, match=exactly(extras)):
+            runtime.backward("square", handle=handle, **extra)
+    assert runtime.backward("square", handle=handle).grads[0].tolist() == [2.0]  # still there after the refusals
+
+
+def test_a_backward_for_another_version_is_refused(runtime: Runtime) -> None:
+    served = registry.get("square").version
+    message = f"square: the forward ran version {'v' * 64}, this server serves version {served}; run the forward again"
+    with pytest.raises(VersionMismatch, match=exactly(message)):
+        runtime.backward("square", args=[x64(1.0)], version="v" * 70)
+    assert runtime.backward("square", args=[x64(1.0)], version=served).grads[0].tolist() == [2.0]
+
+
+def test_double_backward_is_refused_with_the_reason(runtime: Runtime) -> None:
+    prefix = "cannot be differentiated twice (create_graph=True): "
+    not_registered = (
+        "it is not registered with double_backward=True, so its backward is not known to be differentiable. "
+        "Register it with @register(..., double_backward=True) once `gradserve check` passes its second order (gradgradcheck)"
+    )
+    with pytest.raises(DoubleBackwardUnsupported, match=exactly(f"max_with_index {prefix}{not_registered}")):
+        runtime.backward("max_with_index", args=[x64(1.0, 2.0)], keep_graph=True)
+    with pytest.raises(DoubleBackwardUnsupported, match=exactly(f"max_with_index {prefix}{not_registered}")):
+        runtime.backward("max_with_index", args=[x64(1.0, 2.0)], lower_order=[[torch.ones((), dtype=torch.float64), None]])
+    with pytest.raises(
+        DoubleBackwardUnsupported,
+        match=exactly(f"once_differentiable_square {prefix}its backward is marked @once_differentiable"),
+    ):
+        runtime.backward("once_differentiable_square", args=[x64(1.0)], keep_graph=True)
+
+
+def test_a_handle_is_for_its_owner_only(runtime: Runtime) -> None:
+    handle = runtime.forward("square", [x64(2.0)], keep_graph=True, owner="alice").handle
+    with pytest.raises(HandleNotFound):
+        runtime.backward("square", handle=handle, owner="bob")
+    assert runtime.backward("square", handle=handle, owner="alice").grads[0].tolist() == [4.0]
+
+
+def test_keep_graph_off_keeps_nothing_and_deferred_keeps_need_room() -> None:
+    small = Runtime(registry, "cpu", max_handles=4, max_handle_bytes=8, handle_ttl_s=60)
+    assert small.forward("square", [x64(1.0)]).handle is None
+    deferred = small.forward("square", [x64(1.0, 2.0)], keep_graph=True, defer_keep=True)  # 32 bytes: over 8
+    assert deferred.handle is None and deferred.pending is None
+    fits = small.forward("square", [torch.tensor([1.0], requires_grad=True)], keep_graph=True, defer_keep=True)  # 8 bytes
+    assert fits.handle and fits.pending is not None
+    small.keep(fits, owner="o")
+    assert small.backward("square", handle=fits.handle, owner="o").grads[0].tolist() == [2.0]
+
+
+def test_check_finite_names_the_output_and_counts_bad_values() -> None:
+    checking = Runtime(registry, "cpu", check_finite=True)
+    with pytest.raises(NonFinite, match=exactly("log output 0 holds 2 NaN or Inf value(s) of 3 (--check-finite)")):
+        checking.forward("log", [torch.tensor([-1.0, 0.0, 1.0])])
+    assert Runtime(registry, "cpu").forward("log", [torch.tensor([-1.0])]).outputs[0].isnan().all()
+
+
+def test_runtime_defaults() -> None:
+    default = Runtime(registry)
+    assert default.device == torch.device("cpu") and default.check_finite is False
+    assert (default.handles.max_handles, default.handles.ttl_s) == (1024, 300.0)
