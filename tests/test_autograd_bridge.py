@@ -34,16 +34,19 @@ class Spy:
         self.steps: list[Any] = []
         self.released: list[str] = []
         self.handles: list[str] = []
+        self.timeouts: list[Any] = []
         forward_keep, backward, release = client._forward_keep, client._backward, client._release
 
         def spy_forward(name: str, args: Any, kwargs: Any, requires_grad: Any, grad_enabled: bool, timeout: Any) -> Any:
             self.forwards.append((name, list(requires_grad), grad_enabled, dict(kwargs)))
+            self.timeouts.append(timeout)
             result = forward_keep(name, args, kwargs, requires_grad, grad_enabled, timeout)
             self.handles.append(result.handle)
             return result
 
         def spy_backward(step: Any, timeout: Any) -> Any:
             self.steps.append(step)
+            self.timeouts.append(timeout)
             reply = backward(step, timeout)
             self.handles.append(reply.handle)
             return reply
@@ -179,3 +182,13 @@ def test_vmap_is_refused_with_the_reason(spy: tuple[GradientClient, Spy]) -> Non
     )
     with pytest.raises(ArgumentError, match="^INVALID_ARGUMENT: " + re.escape(message) + "$"):
         torch.func.vmap(f)(torch.ones(2, 3))
+
+
+def test_every_call_of_a_node_carries_the_functions_timeout(spy: tuple[GradientClient, Spy]) -> None:
+    client, s = spy
+    x = leaf(1.0)
+    y = client.function("square", timeout=7.5)(x)
+    (dx,) = torch.autograd.grad(y, x, torch.ones(1, dtype=torch.float64), create_graph=True)
+    dx.backward()
+    assert x.grad.tolist() == [2.0]
+    assert s.timeouts == [7.5, 7.5, 7.5]  # forward, backward kept for the next order, second order
