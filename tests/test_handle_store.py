@@ -58,6 +58,8 @@ def test_byte_cap_at_n_and_n_plus_one(clock: Clock) -> None:
     assert store.stats() == (1, 64) and store.evictions == 0
     store.put(graph(1), handle="small")  # 64 + 8 > 64: the oldest goes
     assert store.stats() == (1, 8) and store.evictions == 1 and len(store) == 1
+    store.put(graph(8), handle="full again")  # 8 + 64 > 64: "small" goes
+    assert store.stats() == (1, 64) and store.evictions == 2
 
 
 def test_take_is_once_and_only_for_the_owner(clock: Clock) -> None:
@@ -76,12 +78,14 @@ def test_take_is_once_and_only_for_the_owner(clock: Clock) -> None:
 
 def test_restore_puts_a_taken_graph_back_once(clock: Clock) -> None:
     store = HandleStore(max_handles=4, max_bytes=10**6, ttl_s=60)
+    store.put(graph(2), owner="o")
     handle = store.put(graph(), owner="o")
     taken = store.take(handle, owner="o")
+    assert store.stats() == (1, 16)
     store.restore(handle, taken)
-    assert store.stats() == (1, 32)
+    assert store.stats() == (2, 48)
     store.restore(handle, taken)  # already there: nothing counted twice
-    assert store.stats() == (1, 32)
+    assert store.stats() == (2, 48)
     assert store.take(handle, owner="o") is taken
 
 
@@ -92,6 +96,8 @@ def test_release_frees_only_the_owners_handles(clock: Clock) -> None:
     assert store.release([*mine, theirs, "unknown"], owner="me") == 2
     assert store.stats() == (1, 16)
     assert store.release([theirs], owner="them") == 1 and store.stats() == (0, 0)
+    anonymous = store.put(graph())
+    assert store.release([anonymous]) == 1 and store.stats() == (0, 0)  # the default owner is the anonymous ""
 
 
 def test_ttl_expires_at_exactly_the_lifetime(clock: Clock) -> None:
@@ -101,6 +107,10 @@ def test_ttl_expires_at_exactly_the_lifetime(clock: Clock) -> None:
     assert store.stats() == (1, 32)
     clock.now += 0.001
     assert store.stats() == (0, 0) and store.evictions == 1
+    store.put(graph())
+    store.put(graph())
+    clock.now += 10
+    assert store.stats() == (0, 0) and store.evictions == 3
     with pytest.raises(HandleNotFound):
         store.take(handle)
 

@@ -7,6 +7,7 @@ the status it aborts with; nothing listens on a port.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import grpc
@@ -213,7 +214,8 @@ def test_a_streamed_call_is_counted_ok_when_its_reply_went_out(servicer: Gradien
 
 
 @pytest.mark.parametrize(
-    ("remaining_s", "code"), [(0.0, "DEADLINE_EXCEEDED"), (-0.5, "DEADLINE_EXCEEDED"), (2.0, "CANCELLED"), (None, "CANCELLED")]
+    ("remaining_s", "code"),
+    [(0.0, "DEADLINE_EXCEEDED"), (-0.5, "DEADLINE_EXCEEDED"), (0.5, "CANCELLED"), (2.0, "CANCELLED"), (None, "CANCELLED")],
 )
 def test_a_caller_gone_before_the_streamed_reply_is_counted_with_the_reason(
     servicer: GradientServicer, remaining_s: float | None, code: str
@@ -225,14 +227,31 @@ def test_a_caller_gone_before_the_streamed_reply_is_counted_with_the_reason(
     assert servicer.metrics.registry.get_sample_value("gradserve_calls_in_flight") == 0
 
 
-def test_each_call_logs_one_record_with_its_fields(servicer: GradientServicer, caplog: pytest.LogCaptureFixture) -> None:
+class Ticks:
+    """The servicer's ``time`` module with a ``perf_counter`` that moves 1.25 s at every reading."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.25
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def test_each_call_logs_one_record_with_its_fields(
+    servicer: GradientServicer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gradserve.server._servicer.time", Ticks())
     with caplog.at_level(logging.INFO, logger="gradserve.calls"):
         servicer.Forward(forward("square", torch.tensor([2.0])), Context())
     (record,) = [r for r in caplog.records if r.name == "gradserve.calls"]
     duration_s = servicer.metrics.registry.get_sample_value(
         "gradserve_request_duration_seconds_sum", {"function": "square", "method": "Forward"}
     )
-    assert 0 < duration_s < 10
+    assert duration_s > 0 and duration_s % 1.25 == 0  # whole ticks: the clock read at the start and at the end
     fields = {k: getattr(record, k) for k in ("request_id", "method", "function", "code", "duration_ms", "peer")}
     assert fields == {
         "request_id": "req-1",
