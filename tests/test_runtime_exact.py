@@ -10,6 +10,7 @@ import torch
 
 from gradserve.server import Runtime, registry, resolve_device
 from gradserve.server._errors import (
+    Abandoned,
     DoubleBackwardUnsupported,
     HandleNotFound,
     InvalidArgument,
@@ -180,3 +181,69 @@ def test_runtime_defaults() -> None:
     default = Runtime(registry)
     assert default.device == torch.device("cpu") and default.check_finite is False
     assert (default.handles.max_handles, default.handles.ttl_s) == (1024, 300.0)
+
+
+class Leaves:
+    """An ``is_active`` that says the caller is there for the first ``n`` questions, then gone."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def __call__(self) -> bool:
+        self.left -= 1
+        return self.left >= 0
+
+
+def test_abandoned_work_says_at_which_step(runtime: Runtime) -> None:
+    x = x64(1.0)
+    for n, step in [(0, "backward"), (1, "keeping the graph")]:
+        handle = runtime.forward("square", [x], keep_graph=True).handle
+        message = f"square: caller gone (deadline passed or cancelled) before {step}; work abandoned"
+        with pytest.raises(Abandoned, match=exactly(message)):
+            runtime.backward("square", handle=handle, keep_graph=True, is_active=Leaves(n))
+        assert runtime.backward("square", handle=handle).grads[0].tolist() == [2.0]  # restored after the refusal
+    asked = Leaves(10**6)
+    runtime.forward("square", [x], keep_graph=True, is_active=asked)
+    forward_questions = 10**6 - asked.left
+    message = "square: caller gone (deadline passed or cancelled) before keeping the graph; work abandoned"
+    with pytest.raises(Abandoned, match=exactly(message)):
+        runtime.forward("square", [x], keep_graph=True, is_active=Leaves(forward_questions - 1))
+    assert len(runtime.handles) == 1
+
+
+def test_a_kept_gradient_graph_is_kept_for_its_owner_only_when_differentiable(runtime: Runtime) -> None:
+    x = x64(3.0)
+    handle = runtime.forward("square", [x], keep_graph=True, owner="o").handle
+    first = runtime.backward("square", handle=handle, keep_graph=True, owner="o")
+    assert first.grads[0].tolist() == [6.0] and first.grads[0].requires_grad and first.handle
+    with pytest.raises(HandleNotFound):
+        runtime.backward("square", handle=first.handle, owner="")
+    second = runtime.backward("square", handle=first.handle, grad_outputs=[torch.ones(1, dtype=torch.float64)], owner="o")
+    assert second.grads[0].tolist() == [2.0] and second.grads[1] is None and second.handle is None
+    plain = runtime.backward("square", args=[x64(1.0)])
+    assert plain.handle is None and not plain.grads[0].requires_grad
+    frozen = runtime.backward("square", args=[torch.tensor([1.0], dtype=torch.float64)], keep_graph=True)
+    assert frozen.grads == [None] and frozen.handle is None and len(runtime.handles) == 0
+
+
+def test_check_finite_names_gradients_too() -> None:
+    checking = Runtime(registry, "cpu", check_finite=True)
+    message = "square gradient 0 holds 1 NaN or Inf value(s) of 2 (--check-finite)"
+    with pytest.raises(NonFinite, match=exactly(message)):
+        checking.backward(
+            "square", args=[torch.tensor([1.0, 1.0], requires_grad=True)], grad_outputs=[torch.tensor([1.0, float("inf")])]
+        )
+
+
+def test_forward_backward_uses_kwargs_seed_and_grad_outputs(runtime: Runtime) -> None:
+    result, grads = runtime.forward_backward(
+        "scale", [x64(1.0, 2.0)], [torch.tensor([1.0, -1.0], dtype=torch.float64)], kwargs={"k": 3.0}
+    )
+    assert result.outputs[0].tolist() == [3.0, 6.0] and grads[0].tolist() == [3.0, -3.0] and grads[1] is None
+    x = x64(*([1.0] * 32))
+    a, ga = runtime.forward_backward("dropout", [x], seed=7)
+    b, gb = runtime.forward_backward("dropout", [x], seed=7)
+    assert a.rng == b.rng and a.rng.seed == 7 and a.rng.device_type == "cpu"
+    assert torch.equal(a.outputs[0], b.outputs[0]) and torch.equal(ga[0], gb[0])
+    again = runtime.backward("dropout", args=[x], rng=a.rng).grads[0]
+    assert torch.equal(again, ga[0])
