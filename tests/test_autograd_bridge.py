@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import pytest
 import torch
 
@@ -96,7 +97,7 @@ def test_a_second_backward_recomputes_without_the_used_handle(spy: tuple[Gradien
     y.backward(torch.tensor([3.0], dtype=torch.float64))
     assert x.grad.tolist() == [4.0 + 12.0]
     assert [step.handle for step in s.steps] == [s.handles[0], ""]
-    assert s.steps[1].version == s.steps[0].version != ""
+    assert s.steps[0].version == s.steps[1].version == registry.get("square").version
 
 
 def test_an_unused_node_releases_its_handle(spy: tuple[GradientClient, Spy]) -> None:
@@ -180,8 +181,12 @@ def test_vmap_is_refused_with_the_reason(spy: tuple[GradientClient, Spy]) -> Non
         "square: a remote gradserve step cannot run under torch.func transforms (vmap, "
         "jacobian/hessian(vectorize=True), grad(is_grads_batched=True)); use vectorize=False"
     )
-    with pytest.raises(ArgumentError, match="^INVALID_ARGUMENT: " + re.escape(message) + "$"):
+    with pytest.raises(ArgumentError, match="^INVALID_ARGUMENT: " + re.escape(message) + "$") as err:
         torch.func.vmap(f)(torch.ones(2, 3))
+    assert (err.value.code, err.value.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+    # jacobian(vectorize=True) runs the forward plainly and batches the backward: refused there.
+    with pytest.raises(ArgumentError, match="^INVALID_ARGUMENT: " + re.escape(message) + "$"):
+        torch.autograd.functional.jacobian(f, leaf(1.0, 2.0), vectorize=True)
 
 
 def test_every_call_of_a_node_carries_the_functions_timeout(spy: tuple[GradientClient, Spy]) -> None:
