@@ -184,9 +184,13 @@ def test_vmap_is_refused_with_the_reason(spy: tuple[GradientClient, Spy]) -> Non
     with pytest.raises(ArgumentError, match="^INVALID_ARGUMENT: " + re.escape(message) + "$") as err:
         torch.func.vmap(f)(torch.ones(2, 3))
     assert (err.value.code, err.value.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
-    # jacobian(vectorize=True) runs the forward plainly and batches the backward: refused there.
     with pytest.raises(ArgumentError, match="^INVALID_ARGUMENT: " + re.escape(message) + "$"):
         torch.autograd.functional.jacobian(f, leaf(1.0, 2.0), vectorize=True)
+    # A plain forward, then a batched backward: refused by the backward.
+    x = leaf(1.0, 2.0)
+    y = f(x)
+    with pytest.raises(ArgumentError, match="^INVALID_ARGUMENT: " + re.escape(message) + "$"):
+        torch.autograd.grad(y, x, torch.eye(2, dtype=torch.float64), is_grads_batched=True)
 
 
 def test_every_call_of_a_node_carries_the_functions_timeout(spy: tuple[GradientClient, Spy]) -> None:
