@@ -286,6 +286,12 @@ def function_of(mutant: str) -> str:
     return mangled[2:] if mangled.startswith("x_") else ".".join(mangled.split("\u01c1")[1:3])
 
 
+def rerun_count(shard: str) -> int:
+    """How many times the shard's survivors were run again (``--rerun-survivors``)."""
+    path = STAGE / shard / "reruns"
+    return int(path.read_text()) if path.exists() else 0
+
+
 def report(shards: list[str], times: dict[str, tuple[float, float]], max_children: int) -> str:
     import mutmut
 
@@ -325,6 +331,11 @@ def report(shards: list[str], times: dict[str, tuple[float, float]], max_childre
         f"{os.getloadavg()[0]:.1f} at the end ({', '.join(f'{s} {w / 60:.1f} min' for s, (w, _) in times.items())})",
         f"CPU time: {sum(c for _, c in times.values()) / 60:.1f} min; on {max_children} unshared cores about "
         f"{sum(c for _, c in times.values()) / 60 / max_children:.1f} min of wall time",
+        *(
+            [f"survivors re-run with tests written after the first pass (--rerun-survivors): {', '.join(reruns)}"]
+            if (reruns := [f"{s} {rerun_count(s)}x" for s in shards if rerun_count(s)])
+            else []
+        ),
         "timeouts count as killed (the mutant made the tests hang); 'no tests' and 'suspicious' count as survived;",
         "'unchecked' mutants (the run was stopped before their turn) are not counted in K or N",
         "",
@@ -373,6 +384,7 @@ def main() -> None:
             wall, cpu = json.loads(timing.read_text())
             again = rerun_survivors(shard, args.max_children)
             timing.write_text(json.dumps([wall + again[0], cpu + again[1]]))
+            (STAGE / shard / "reruns").write_text(str(rerun_count(shard) + 1))
         elif not args.report_only:
             timing.write_text(json.dumps(run_mutmut(stage(shard), args.max_children)))
         times[shard] = tuple(json.loads(timing.read_text())) if timing.exists() else (0.0, 0.0)

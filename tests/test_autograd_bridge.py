@@ -186,9 +186,16 @@ def test_vmap_is_refused_with_the_reason(spy: tuple[GradientClient, Spy]) -> Non
     assert (err.value.code, err.value.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
     with pytest.raises(ArgumentError, match="^INVALID_ARGUMENT: " + re.escape(message) + "$"):
         torch.autograd.functional.jacobian(f, leaf(1.0, 2.0), vectorize=True)
-    # A plain forward, then a batched backward: refused by the backward.
+
+
+def test_a_batched_backward_is_refused_by_the_backward(spy: tuple[GradientClient, Spy]) -> None:
+    client, _ = spy
     x = leaf(1.0, 2.0)
-    y = f(x)
+    y = client.function("square")(x)  # a plain forward, then a batched backward
+    message = (
+        "square: a remote gradserve step cannot run under torch.func transforms (vmap, "
+        "jacobian/hessian(vectorize=True), grad(is_grads_batched=True)); use vectorize=False"
+    )
     with pytest.raises(ArgumentError, match="^INVALID_ARGUMENT: " + re.escape(message) + "$"):
         torch.autograd.grad(y, x, torch.eye(2, dtype=torch.float64), is_grads_batched=True)
 
