@@ -4,6 +4,7 @@ randomness, higher orders, refused replays) against hand-computed gradients."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 import torch
@@ -12,12 +13,15 @@ from gradserve.server import Runtime, registry, resolve_device
 from gradserve.server._errors import (
     Abandoned,
     DoubleBackwardUnsupported,
+    FunctionError,
     HandleNotFound,
     InvalidArgument,
     NonFinite,
+    ResourceExhausted,
     RngMismatch,
     VersionMismatch,
 )
+from gradserve.server._registry import Registry
 from gradserve.server._runtime import RngReplay
 
 
@@ -247,3 +251,53 @@ def test_forward_backward_uses_kwargs_seed_and_grad_outputs(runtime: Runtime) ->
     assert torch.equal(a.outputs[0], b.outputs[0]) and torch.equal(ga[0], gb[0])
     again = runtime.backward("dropout", args=[x], rng=a.rng).grads[0]
     assert torch.equal(again, ga[0])
+
+
+class Boom(torch.autograd.Function):
+    """Forward raises a RuntimeError with the message it is given."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, message: str) -> torch.Tensor:
+        raise RuntimeError(message)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        return g, None
+
+
+class Inner(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return 2 * g
+
+    @staticmethod
+    def backward(ctx: Any, h: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("no second order here")
+
+
+class Outer(torch.autograd.Function):
+    """2x, whose backward (2g, through Inner) cannot itself be differentiated."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return Inner.apply(g)
+
+
+def test_function_errors_say_which_step_raised_and_out_of_memory_is_resource_exhausted() -> None:
+    reg = Registry()
+    reg.add(Boom, name="boom")
+    reg.add(Outer, name="outer", double_backward=True)
+    rt = Runtime(reg, "cpu")
+    with pytest.raises(FunctionError, match=exactly("boom forward raised RuntimeError: bad input")):
+        rt.forward("boom", [x64(1.0), "bad input"])
+    oom = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"
+    with pytest.raises(ResourceExhausted, match=exactly(f"boom forward: out of memory on cpu: {oom}")):
+        rt.forward("boom", [x64(1.0), oom])
+    x, g = x64(1.0), torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    assert rt.backward("outer", args=[x], grad_outputs=[g]).grads[0].tolist() == [2.0]
+    with pytest.raises(FunctionError, match=exactly("outer backward of order 2 raised RuntimeError: no second order here")):
+        rt.backward("outer", args=[x], lower_order=[[g]], grad_outputs=[torch.ones(1, dtype=torch.float64)])
