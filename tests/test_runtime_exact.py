@@ -14,6 +14,7 @@ from gradserve.server._errors import (
     Abandoned,
     DoubleBackwardUnsupported,
     FunctionError,
+    FunctionNotFound,
     HandleNotFound,
     InvalidArgument,
     NonFinite,
@@ -301,3 +302,73 @@ def test_function_errors_say_which_step_raised_and_out_of_memory_is_resource_exh
     assert rt.backward("outer", args=[x], grad_outputs=[g]).grads[0].tolist() == [2.0]
     with pytest.raises(FunctionError, match=exactly("outer backward of order 2 raised RuntimeError: no second order here")):
         rt.backward("outer", args=[x], lower_order=[[g]], grad_outputs=[torch.ones(1, dtype=torch.float64)])
+
+
+class Pair(torch.autograd.Function):
+    """(x, log x): two outputs, the second NaN or -Inf where x <= 0."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * 1.0, torch.log(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return g
+
+
+def returning_value(value: Any) -> type[torch.autograd.Function]:
+    class Returns(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor) -> Any:
+            return value(x)
+
+        @staticmethod
+        def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+            return g
+
+    return Returns
+
+
+def test_forward_results_exactly() -> None:
+    rt = Runtime(registry, "cpu")
+    plain = rt.forward("square", [x64(1.0, 2.0)])
+    assert plain.handle is None and plain.rng is None and plain.returns_tuple is False
+    assert plain.version == registry.get("square").version and plain.outputs[0].shape == (2,)
+    message = "square: caller gone (deadline passed or cancelled) before forward; work abandoned"
+    with pytest.raises(Abandoned, match=exactly(message)):
+        rt.forward("square", [x64(1.0)], is_active=Leaves(0))
+    x = x64(*([1.0] * 16))
+    a, b = rt.forward("dropout", [x], seed=7), rt.forward("dropout", [x], seed=7)
+    assert a.rng.seed == b.rng.seed == 7 and torch.equal(a.outputs[0], b.outputs[0])
+    assert max(rt.forward("dropout", [x]).rng.seed for _ in range(5)) > 2**32  # drawn from all of int64
+
+
+def test_tuple_outputs_are_checked_and_bad_outputs_named() -> None:
+    reg = Registry()
+    reg.add(Pair, name="pair")
+    reg.add(returning_value(lambda x: (x * 1.0, "s")), name="mixed")
+    reg.add(returning_value(lambda x: "s"), name="text")
+    reg.add(returning_value(lambda x: ()), name="empty")
+    checking = Runtime(reg, "cpu", check_finite=True)
+    with pytest.raises(NonFinite, match=exactly("pair output 1 holds 1 NaN or Inf value(s) of 2 (--check-finite)")):
+        checking.forward("pair", [torch.tensor([1.0, 0.0])])
+    assert checking.forward("pair", [torch.tensor([1.0, 2.0])]).returns_tuple is True
+    tail = "; expected a tensor or a non-empty tuple of tensors"
+    with pytest.raises(FunctionError, match=exactly("mixed forward returned tuple of ['Tensor', 'str']" + tail)):
+        checking.forward("mixed", [x64(1.0)])
+    with pytest.raises(FunctionError, match=exactly("text forward returned str" + tail)):
+        checking.forward("text", [x64(1.0)])
+    with pytest.raises(FunctionError, match=exactly("empty forward returned tuple of []" + tail)):
+        checking.forward("empty", [x64(1.0)])
+
+
+def test_unknown_names_are_shown_cut_at_128_characters() -> None:
+    with pytest.raises(FunctionNotFound, match=exactly("no function named 'x'; this server serves: none")):
+        Runtime(Registry(), "cpu").function("x")
+    rt = Runtime(registry, "cpu")
+    known = ", ".join(f.name for f in registry)
+    with pytest.raises(FunctionNotFound, match=exactly(f"no function named {'a' * 128!r}; this server serves: {known}")):
+        rt.function("a" * 128)
+    shown = f"{'a' * 128!r}... (129 characters)"
+    with pytest.raises(FunctionNotFound, match=exactly(f"no function named {shown}; this server serves: {known}")):
+        rt.function("a" * 129)
