@@ -372,3 +372,38 @@ def test_unknown_names_are_shown_cut_at_128_characters() -> None:
     shown = f"{'a' * 128!r}... (129 characters)"
     with pytest.raises(FunctionNotFound, match=exactly(f"no function named {shown}; this server serves: {known}")):
         rt.function("a" * 129)
+
+
+def test_cotangents_are_checked_with_the_order_and_field_named(runtime: Runtime) -> None:
+    x = x64(1.0, 2.0)
+    one = torch.ones(2, dtype=torch.float64)
+    with pytest.raises(InvalidArgument, match=exactly("square returned 1 output(s), got 2 grad_outputs")):
+        runtime.backward("square", args=[x], grad_outputs=[one, one])
+    with pytest.raises(InvalidArgument, match=exactly("square returned 1 output(s), got 2 lower_order[0]")):
+        runtime.backward("square", args=[x], lower_order=[[one, one]])
+    with pytest.raises(InvalidArgument, match=exactly("square returned 1 order-1 gradient(s), got 2 grad_outputs")):
+        runtime.backward("square", args=[x], lower_order=[[one]], grad_outputs=[one, one])
+    with pytest.raises(
+        InvalidArgument, match=exactly("scale order-1 gradient 1 is absent (None); send none as its entry of grad_outputs")
+    ):
+        runtime.backward("scale", args=[x, 2.0], lower_order=[[one]], grad_outputs=[None, one])
+    not_differentiable = "max_with_index output 1 (int64) is not differentiable; send none as its entry of grad_outputs"
+    with pytest.raises(InvalidArgument, match=exactly(not_differentiable)):
+        runtime.backward(
+            "max_with_index", args=[x], grad_outputs=[torch.ones((), dtype=torch.float64), torch.ones((), dtype=torch.int64)]
+        )
+    first = runtime.backward("square", handle=runtime.forward("square", [x], keep_graph=True).handle, keep_graph=True)
+    wrong = "square grad_outputs[0]: expected float64 of shape [2], got float64 of shape [3]"
+    with pytest.raises(InvalidArgument, match=exactly(wrong)):
+        runtime.backward("square", handle=first.handle, grad_outputs=[torch.ones(3, dtype=torch.float64)])
+    # No cotangent at all: the gradient of out.sum(), in the output's dtype.
+    assert runtime.backward("square", args=[torch.tensor([3.0], requires_grad=True)]).grads[0].tolist() == [6.0]
+    assert runtime.backward("square", args=[x], grad_outputs=[None]).grads == [None]
+
+
+def test_a_backward_that_fails_after_differentiating_can_be_tried_again() -> None:
+    checking = Runtime(registry, "cpu", check_finite=True)
+    handle = checking.forward("square", [torch.tensor([1.0], requires_grad=True)], keep_graph=True).handle
+    with pytest.raises(NonFinite):
+        checking.backward("square", handle=handle, grad_outputs=[torch.tensor([float("inf")])])
+    assert checking.backward("square", handle=handle, grad_outputs=[torch.tensor([2.0])]).grads[0].tolist() == [4.0]
