@@ -407,3 +407,46 @@ def test_a_backward_that_fails_after_differentiating_can_be_tried_again() -> Non
     with pytest.raises(NonFinite):
         checking.backward("square", handle=handle, grad_outputs=[torch.tensor([float("inf")])])
     assert checking.backward("square", handle=handle, grad_outputs=[torch.tensor([2.0])]).grads[0].tolist() == [4.0]
+
+
+class BackwardFails(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("no gradient today")
+
+
+def test_more_backward_paths_exactly(runtime: Runtime) -> None:
+    # A kept graph of gradients from a recompute belongs to the caller who asked for it.
+    kept = runtime.backward("square", args=[x64(2.0)], keep_graph=True, owner="o")
+    with pytest.raises(HandleNotFound):
+        runtime.backward("square", handle=kept.handle, owner="")
+    assert runtime.backward("square", handle=kept.handle, owner="o").grads[0].tolist() == [2.0]
+    # The graph of order 1 keeps its order: its cotangents are checked as order-1 gradients.
+    first = runtime.backward("square", handle=runtime.forward("square", [x64(1.0)], keep_graph=True).handle, keep_graph=True)
+    with pytest.raises(InvalidArgument, match=exactly("square returned 1 order-1 gradient(s), got 2 grad_outputs")):
+        runtime.backward("square", handle=first.handle, grad_outputs=[torch.ones(1, dtype=torch.float64)] * 2)
+    # Default cotangents skip a missing gradient: x**3 + y**2 with y a constant.
+    x, y = x64(2.0), torch.tensor([3.0], dtype=torch.float64)
+    order1 = runtime.backward(
+        "cube_plus_square", handle=runtime.forward("cube_plus_square", [x, y], keep_graph=True).handle, keep_graph=True
+    )
+    assert order1.grads[1] is None
+    order2 = runtime.backward("cube_plus_square", handle=order1.handle).grads
+    assert order2[0].tolist() == [12.0] and order2[1:] == [None, None]  # d(3x^2)/dx = 6x = 12
+    # forward_backward's backward is the first order.
+    reg = Registry()
+    reg.add(BackwardFails, name="fails")
+    with pytest.raises(FunctionError, match=exactly("fails backward raised RuntimeError: no gradient today")):
+        Runtime(reg, "cpu").forward_backward("fails", [x64(1.0)])
+
+
+def test_check_finite_counts_the_stored_values_of_a_sparse_gradient() -> None:
+    checking = Runtime(registry, "cpu", check_finite=True)
+    weight = torch.ones(3, 2, requires_grad=True)
+    cotangent = torch.tensor([[1.0, float("inf")], [1.0, 1.0]])
+    with pytest.raises(NonFinite, match=exactly("embedding_sparse gradient 1 holds 1 NaN or Inf value(s) of 4 (--check-finite)")):
+        checking.backward("embedding_sparse", args=[torch.tensor([0, 2]), weight], grad_outputs=[cotangent])
