@@ -450,3 +450,13 @@ def test_check_finite_counts_the_stored_values_of_a_sparse_gradient() -> None:
     cotangent = torch.tensor([[1.0, float("inf")], [1.0, 1.0]])
     with pytest.raises(NonFinite, match=exactly("embedding_sparse gradient 1 holds 1 NaN or Inf value(s) of 4 (--check-finite)")):
         checking.backward("embedding_sparse", args=[torch.tensor([0, 2]), weight], grad_outputs=[cotangent])
+
+
+def test_deterministic_functions_errors_and_no_replay_without_draws() -> None:
+    reg = Registry()
+    reg.add(Boom, name="boom_det", uses_rng=False)
+    reg.add(returning_value(lambda x: 3 * x), name="no_draws")  # may draw (uses_rng defaults to True), does not
+    rt = Runtime(reg, "cpu")
+    with pytest.raises(FunctionError, match=exactly("boom_det forward raised RuntimeError: bad input")):
+        rt.forward("boom_det", [x64(1.0), "bad input"])
+    assert rt.forward("no_draws", [x64(1.0)]).rng is None
