@@ -442,6 +442,7 @@ def test_bool_bytes_other_than_0_and_1_are_refused() -> None:
     assert codec.decode_tensor(pb.Tensor(dtype=pb.DTYPE_BOOL, shape=[2], data=b"\x01\x00")).tolist() == [True, False]
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
 def test_nested_and_unsupported_tensors_are_refused_exactly() -> None:
     nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
     with pytest.raises(
