@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test compose-test serve protos clean
+.PHONY: venv demo test mutation compose-test serve protos clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,12 @@ demo: $(STAMP)  ## start a server, run the seed examples and the digits example,
 test: $(STAMP)  ## the whole suite
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
+# Not part of `make test`: mutmut on the codec, stream framing, runtime, handle store, checks,
+# the servicer's error mapping and the client's autograd bridge, in shards of fast in-process
+# tests. Writes benchmarks/results/mutation.txt. MUTATION_ARGS="--shards wire" for one shard.
+mutation: $(STAMP)  ## mutation testing (mutmut); results in benchmarks/results/mutation.txt
+	$(PY) scripts/mutation.py $(MUTATION_ARGS)
+
 # Root, Debian 12, with podman runc debootstrap docker-compose netavark aardvark-dns iptables
 # catatonit (.ci/run installs them). Caches the base image and wheelhouse in
 # ~/.cache/gradserve-compose (GRADSERVE_COMPOSE_CACHE). See README.md, "Deploy".
@@ -37,4 +43,4 @@ protos: $(STAMP)  ## regenerate the stubs after editing protos/gradserve/v1/grad
 	$(PY) scripts/gen_protos.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .mutation
