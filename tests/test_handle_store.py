@@ -24,10 +24,8 @@ class Clock:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
-    monkeypatch.setattr("gradserve.server._handles.time", fake)
-    return fake
+def clock() -> Clock:
+    return Clock()
 
 
 def graph(n: int = 4) -> Graph:
@@ -41,7 +39,7 @@ def test_graph_bytes_count_inputs_and_outputs() -> None:
 
 
 def test_count_cap_at_n_and_n_plus_one_evicts_the_least_recently_used(clock: Clock) -> None:
-    store = HandleStore(max_handles=2, max_bytes=10**6, ttl_s=60)
+    store = HandleStore(max_handles=2, max_bytes=10**6, ttl_s=60, clock=clock.monotonic)
     a, b = store.put(graph(), handle="a"), store.put(graph(), handle="b")
     assert (a, b) == ("a", "b") and store.stats() == (2, 64) and store.evictions == 0
     store.put(graph(), handle="c")
@@ -52,7 +50,7 @@ def test_count_cap_at_n_and_n_plus_one_evicts_the_least_recently_used(clock: Clo
 
 
 def test_byte_cap_at_n_and_n_plus_one(clock: Clock) -> None:
-    store = HandleStore(max_handles=10, max_bytes=64, ttl_s=60)
+    store = HandleStore(max_handles=10, max_bytes=64, ttl_s=60, clock=clock.monotonic)
     assert store.fits(graph(8)) and store.put(graph(8), handle="full") == "full"  # 64 bytes: exactly the cap
     assert not store.fits(graph(9)) and store.put(graph(9)) is None  # 72 bytes alone: never kept
     assert store.stats() == (1, 64) and store.evictions == 0
@@ -63,7 +61,7 @@ def test_byte_cap_at_n_and_n_plus_one(clock: Clock) -> None:
 
 
 def test_take_is_once_and_only_for_the_owner(clock: Clock) -> None:
-    store = HandleStore(max_handles=4, max_bytes=10**6, ttl_s=60)
+    store = HandleStore(max_handles=4, max_bytes=10**6, ttl_s=60, clock=clock.monotonic)
     kept = graph()
     handle = store.put(kept, owner="alice")
     assert kept.owner == "alice" and kept.expires_at == 1060.0
@@ -77,7 +75,7 @@ def test_take_is_once_and_only_for_the_owner(clock: Clock) -> None:
 
 
 def test_restore_puts_a_taken_graph_back_once(clock: Clock) -> None:
-    store = HandleStore(max_handles=4, max_bytes=10**6, ttl_s=60)
+    store = HandleStore(max_handles=4, max_bytes=10**6, ttl_s=60, clock=clock.monotonic)
     store.put(graph(2), owner="o")
     handle = store.put(graph(), owner="o")
     taken = store.take(handle, owner="o")
@@ -90,7 +88,7 @@ def test_restore_puts_a_taken_graph_back_once(clock: Clock) -> None:
 
 
 def test_release_frees_only_the_owners_handles(clock: Clock) -> None:
-    store = HandleStore(max_handles=4, max_bytes=10**6, ttl_s=60)
+    store = HandleStore(max_handles=4, max_bytes=10**6, ttl_s=60, clock=clock.monotonic)
     mine = [store.put(graph(), owner="me") for _ in range(2)]
     theirs = store.put(graph(2), owner="them")
     assert store.release([*mine, theirs, "unknown"], owner="me") == 2
@@ -101,7 +99,7 @@ def test_release_frees_only_the_owners_handles(clock: Clock) -> None:
 
 
 def test_ttl_expires_at_exactly_the_lifetime(clock: Clock) -> None:
-    store = HandleStore(max_handles=4, max_bytes=10**6, ttl_s=10)
+    store = HandleStore(max_handles=4, max_bytes=10**6, ttl_s=10, clock=clock.monotonic)
     handle = store.put(graph())
     clock.now += 9.999
     assert store.stats() == (1, 32)

@@ -185,12 +185,13 @@ def test_a_server_still_loading_is_unavailable() -> None:
 
 def test_a_good_call_is_counted_once_as_ok_with_its_bytes(servicer: GradientServicer) -> None:
     request = forward("square", torch.tensor([3.0]))
-    reply = servicer.Forward(request, Context())
+    raw = servicer.Forward(request, Context())  # unary replies leave the servicer serialised (once)
+    reply = pb.ForwardResponse.FromString(raw)
     assert codec.decode_tensor(reply.outputs[0]).tolist() == [9.0]
     assert requests(servicer, "square", "Forward", "OK") == 1
     sample = servicer.metrics.registry.get_sample_value
     assert sample("gradserve_request_bytes_total", {"method": "Forward"}) == request.ByteSize()
-    assert sample("gradserve_response_bytes_total", {"method": "Forward"}) == reply.ByteSize()
+    assert sample("gradserve_response_bytes_total", {"method": "Forward"}) == len(raw) == reply.ByteSize()
     assert sample("gradserve_calls_in_flight") == 0
 
 
@@ -203,7 +204,8 @@ def test_a_streamed_call_is_counted_ok_when_its_reply_went_out(servicer: Gradien
     context = Context()
     replies = list(servicer.StreamCall(iter(streamed_square(3.0)), context))
     assert context.initial_metadata == (("gradserve-accepted", "1"),)
-    header, data = replies
+    header, framed = replies  # data chunks leave as raw StreamResponse bytes (streaming.data_message)
+    data = pb.StreamResponse.FromString(bytes(framed))
     payload = torch.frombuffer(bytearray(data.data), dtype=torch.uint8)
     out = codec.decode_tensor(header.forward.outputs[0], payloads=iter([payload]))
     assert out.tolist() == [9.0]
