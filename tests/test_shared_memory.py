@@ -286,7 +286,14 @@ def segment() -> Iterator[str]:
 
 @pytest.mark.parametrize(
     "name",
-    ["../../etc/passwd", "/dev/shm/gradserve-0-1-2-" + "0" * 32, "gradserve-0-1-2-" + "0" * 31 + "/", "libpod_lock", ""],
+    [
+        "../../etc/passwd",
+        "/dev/shm/gradserve-0-1-2-" + "0" * 32,
+        "gradserve-0-1-2-" + "0" * 31 + "/",
+        "gradserve-\u0660-1-2-" + "0" * 32,  # an Arabic-Indic zero: a digit to a str pattern's \d, not to us
+        "libpod_lock",
+        "",
+    ],
 )
 def test_names_that_are_not_ours_are_refused_before_opening(
     stub: pb_grpc.GradientServiceStub, session: Metadata, name: str

@@ -76,7 +76,7 @@ TOKEN_KEY = "gradserve-shared-memory-token"
 PROBE_MAX_BYTES = 64
 """Largest probe segment, in bytes."""
 
-_NAME = re.compile(r"gradserve-(\d{1,10})-(\d{1,20})-(\d{1,10})-[0-9a-f]{32}")
+_NAME = re.compile(r"gradserve-([0-9]{1,10})-([0-9]{1,20})-([0-9]{1,10})-[0-9a-f]{32}")  # ASCII digits only
 
 
 class SharedMemoryError(codec.CodecError):
