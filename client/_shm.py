@@ -85,7 +85,7 @@ class SharedMemory:
 
     def probe_reply(self, response: pb.SharedMemoryProbeResponse, nonce: bytes) -> None:
         """Check both directions of the probe; the server's segment (our session token) is read and unlinked."""
-        if response.nonce != nonce:
+        if response.nonce != shm.probe_digest(nonce):
             self._use_network("the server read another nonce: it does not share this host's /dev/shm")
             return
         try:

@@ -12,6 +12,10 @@ __all__ = ["ServerConfig", "add_serve_arguments", "config_from_args"]
 MiB = 1024 * 1024
 
 
+_UNIX_PATH_MAX = 107
+"""Longest unix socket path in bytes: Linux's ``sun_path`` is 108 bytes with its terminating NUL."""
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Settings of one gradserve server. Units are in the names.
@@ -93,6 +97,11 @@ class ServerConfig:
             )
         if self.host.startswith("unix:") and not self.unix_socket.strip():
             raise ValueError(f"--host {self.host}: expected unix:/path/to/socket")
+        if len(os.fsencode(self.unix_socket)) > _UNIX_PATH_MAX:
+            raise ValueError(
+                f"--host {self.host}: the path is {len(os.fsencode(self.unix_socket))} bytes; unix socket paths hold "
+                f"at most {_UNIX_PATH_MAX} bytes (sun_path): use a shorter path"
+            )
 
     @property
     def unix_socket(self) -> str:

@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -456,9 +457,15 @@ def _bind(
 
 
 def _refuse_live_socket(path: str) -> None:
-    """gRPC replaces an existing socket file; do not take over one a running server answers on."""
-    if not os.path.exists(path):
+    """gRPC replaces an existing socket file; do not take over one a running server answers on, nor touch what is
+    not a socket (a user's file, a symlink)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
         return
+    if not stat.S_ISSOCK(mode):
+        kind = "a symlink" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode) else "a file"
+        raise ValueError(f"--host unix:{path}: the path exists and is not a socket ({kind}); left alone: choose another path")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         try:
             probe.connect(path)

@@ -201,11 +201,18 @@ class SharedMemoryService:
         """Read the caller's nonce and hand it a session token in a segment (see the SharedMemoryProbe RPC)."""
         if not self.enabled:
             raise Disabled("SharedMemoryProbe: this server runs with shared memory off (--no-shared-memory)")
+        with self._lock:
+            ours = request.name in self._replies
+        if ours:  # another caller's token (or reply) segment: never read or unlink it for someone else
+            raise shm.SharedMemoryError(
+                f"SharedMemoryProbe: segment {request.name} was created by this server; name a segment of your own"
+            )
         nonce = shm.read_probe(request.name)  # only a process of our user can have made it
         token = self._token(secrets.token_bytes(16))
         name, _ = shm.create_segment([token])  # only a process of our user can read it
         self._track(name)
-        return pb.SharedMemoryProbeResponse(nonce=nonce, segment=pb.SharedMemoryRef(name=name, offset=0, byte_size=len(token)))
+        segment = pb.SharedMemoryRef(name=name, offset=0, byte_size=len(token))
+        return pb.SharedMemoryProbeResponse(nonce=shm.probe_digest(nonce), segment=segment)
 
     def _track(self, name: str) -> None:
         with self._lock:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import multiprocessing
 import os
@@ -247,6 +248,18 @@ def _reserved_port(host: str, port: int) -> Iterator[int]:
             probe.settimeout(1.0)
             if probe.connect_ex(address) == 0:
                 raise ValueError(f"--host {host} --port {port}: a server is already listening on this port")
+        # Nobody listens yet, but another --workers parent may hold the port while its workers start: SO_REUSEPORT
+        # would let us join it and the kernel would deal connections to both servers. An exclusive bind sees it.
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections in TIME_WAIT do not count
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise ValueError(f"--host {host} --port {port}: cannot bind: {exc.strerror or exc}") from exc
+                raise ValueError(
+                    f"--host {host} --port {port}: another process holds this port (another server starting?)"
+                ) from None
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -231,9 +231,38 @@ def probe(stub: pb_grpc.GradientServiceStub) -> Metadata:
         reply = stub.SharedMemoryProbe(pb.SharedMemoryProbeRequest(name=name), timeout=10)
     finally:
         shm.unlink(name)
-    assert reply.nonce == b"nonce" * 6
+    assert reply.nonce == shm.probe_digest(b"nonce" * 6)
     token = shm.read_probe(reply.segment.name)
     return ((shm.REPLY_KEY, "65536"), (shm.TOKEN_KEY, token.hex()))
+
+
+def test_probe_never_hands_out_what_a_segment_holds(stub: pb_grpc.GradientServiceStub, segment: str) -> None:
+    """Any local process that can connect sees segment names in /dev/shm. Probing the server's own token
+    segment of another caller must not give that caller's token away (it would open every segment of the
+    server's user to it), nor unlink it."""
+    name, _ = shm.create_segment([b"n" * 32])
+    try:
+        victim = stub.SharedMemoryProbe(pb.SharedMemoryProbeRequest(name=name), timeout=10)
+    finally:
+        shm.unlink(name)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.SharedMemoryProbe(pb.SharedMemoryProbeRequest(name=victim.segment.name), timeout=10)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "created by this server" in info.value.details()
+    token = shm.read_probe(victim.segment.name)  # still there for its caller
+    # Even a segment the server did not create only ever comes back as a digest.
+    small, _ = shm.create_segment([token])
+    try:
+        reply = stub.SharedMemoryProbe(pb.SharedMemoryProbeRequest(name=small), timeout=10)
+    finally:
+        shm.unlink(small)
+    shm.unlink(reply.segment.name)
+    seen = reply.nonce
+    assert seen == shm.probe_digest(token) and token not in seen
+    stolen = ((shm.REPLY_KEY, "65536"), (shm.TOKEN_KEY, seen.hex()))
+    error = _refusal(stub, _request(pb.SharedMemoryRef(name=segment, offset=0, byte_size=4096)), stolen)
+    assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert (shm.SHM_DIR / segment).exists()  # never mapped
 
 
 def test_calls_without_the_probes_token_are_refused(stub: pb_grpc.GradientServiceStub, session: Metadata, segment: str) -> None:
@@ -257,7 +286,14 @@ def segment() -> Iterator[str]:
 
 @pytest.mark.parametrize(
     "name",
-    ["../../etc/passwd", "/dev/shm/gradserve-0-1-2-" + "0" * 32, "gradserve-0-1-2-" + "0" * 31 + "/", "libpod_lock", ""],
+    [
+        "../../etc/passwd",
+        "/dev/shm/gradserve-0-1-2-" + "0" * 32,
+        "gradserve-0-1-2-" + "0" * 31 + "/",
+        "gradserve-\u0660-1-2-" + "0" * 32,  # an Arabic-Indic zero: a digit to a str pattern's \d, not to us
+        "libpod_lock",
+        "",
+    ],
 )
 def test_names_that_are_not_ours_are_refused_before_opening(
     stub: pb_grpc.GradientServiceStub, session: Metadata, name: str

@@ -94,3 +94,23 @@ def test_tls_and_tokens_over_a_unix_socket(tmp_path) -> None:
                 client.forward("square", x)
     finally:
         running.stop(0)
+
+
+def test_a_path_too_long_for_a_unix_socket_is_refused_with_its_limit(tmp_path) -> None:
+    path = tmp_path / ("a" * 120)
+    with pytest.raises(ValueError, match=r"unix socket paths hold at most 107 bytes"):
+        ServerConfig(host=f"unix:{path}")
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_a_path_that_is_not_a_socket_is_left_alone_and_named(tmp_path, kind: str) -> None:
+    path, data = tmp_path / "g.sock", tmp_path / "data.txt"
+    data.write_text("precious")
+    if kind == "file":
+        path.write_text("precious")
+    else:
+        path.symlink_to(data)
+    with pytest.raises(ValueError, match="exists and is not a socket"):
+        create_server(ServerConfig(host=f"unix:{path}", device="cpu"), registry)
+    assert path.read_text() == "precious" and data.read_text() == "precious"
+    assert path.is_symlink() == (kind == "symlink")

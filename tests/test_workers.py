@@ -8,6 +8,7 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -325,3 +326,14 @@ def test_shared_memory_tokens_work_on_every_worker(workers: Workers) -> None:
     assert workers.metric("gradserve_requests_total", function="", method="SharedMemoryProbe", code="OK") == probes + 1
     # Only references crossed gRPC: far less than the 2 x 512 KiB each call moved through /dev/shm.
     assert workers.metric("gradserve_request_bytes_total", method="ForwardBackward") - wire < SPREAD * 4096
+
+
+def test_a_port_another_starting_server_reserved_is_refused() -> None:
+    """A --workers parent holds its port bound (SO_REUSEPORT, not listening) while its workers start, for seconds: a
+    second server started then must not join it, or the kernel would deal connections to both servers."""
+    with socket.socket() as reserved:
+        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reserved.bind(("127.0.0.1", 0))
+        port = reserved.getsockname()[1]
+        with pytest.raises(ValueError, match=f"--port {port}: another process holds this port"):
+            supervise(ServerConfig(workers=2, port=port, device="cpu"))

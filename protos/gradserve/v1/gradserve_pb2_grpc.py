@@ -175,14 +175,15 @@ class GradientServiceServicer:
         """Proves that caller and server share a host, a /dev/shm and a user, so tensors
         may travel through POSIX shared memory (Tensor.shared_memory): the caller
         names a segment it created holding a random nonce; the server reads the nonce
-        back (from a segment of its own user only) and answers with a segment of its
-        own holding a session token, which only a process of that user can read. Calls
+        (from a segment of its own user only, never one it created) and answers with
+        its SHA-256 and a segment of its own holding a session token, which only a process of that user can read. Calls
         through shared memory carry the token (metadata
         "gradserve-shared-memory-token"), so a process of another user that learns
         segment names from the /dev/shm listing cannot have them read. Nothing is
         kept: the token is checked against a key of the server process.
         Status codes:
-        OK                  both directions work: the caller checks `nonce`, reads
+        OK                  both directions work: the caller checks `nonce` (the
+        SHA-256 of its nonce), reads
         the token from `segment` and unlinks it;
         FAILED_PRECONDITION shared memory is off on this server (reason
         SHARED_MEMORY_DISABLED), or the segment does not exist
@@ -190,8 +191,9 @@ class GradientServiceServicer:
         SHARED_MEMORY_UNAVAILABLE);
         PERMISSION_DENIED   the segment belongs to another user, or others may open
         it (reason SHARED_MEMORY_NOT_OWNED);
-        INVALID_ARGUMENT    the name is not a gradserve segment name, or the
-        segment is larger than a probe's 64 bytes;
+        INVALID_ARGUMENT    the name is not a gradserve segment name, names a
+        segment this server created, or the segment is larger
+        than a probe's 64 bytes;
         UNIMPLEMENTED       a server older than this RPC: use the network.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

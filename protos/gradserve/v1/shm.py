@@ -25,6 +25,7 @@ Life of a segment (see README, "Same-host shared memory"):
 from __future__ import annotations
 
 import functools
+import hashlib
 import mmap
 import os
 import re
@@ -53,6 +54,7 @@ __all__ = [
     "create_segment",
     "map_message",
     "new_name",
+    "probe_digest",
     "read_probe",
     "shared_bytes",
     "sweep",
@@ -74,7 +76,7 @@ TOKEN_KEY = "gradserve-shared-memory-token"
 PROBE_MAX_BYTES = 64
 """Largest probe segment, in bytes."""
 
-_NAME = re.compile(r"gradserve-(\d{1,10})-(\d{1,20})-(\d{1,10})-[0-9a-f]{32}")
+_NAME = re.compile(r"gradserve-([0-9]{1,10})-([0-9]{1,20})-([0-9]{1,10})-[0-9a-f]{32}")  # ASCII digits only
 
 
 class SharedMemoryError(codec.CodecError):
@@ -125,6 +127,15 @@ def _checked_name(name: str, what: str) -> str:
             "(gradserve-<uid>-<pidns>-<pid>-<32 hex digits>)"
         )
     return name
+
+
+def probe_digest(nonce: bytes) -> bytes:
+    """What a server answers for a probe's nonce: its SHA-256 (32 bytes), never the bytes themselves.
+
+    Echoing them would make the probe an oracle: any local process can list ``/dev/shm``,
+    name a small segment of the server's user (another caller's session token) and
+    have the server read it out over gRPC."""
+    return hashlib.sha256(nonce).digest()
 
 
 def unlink(name: str) -> None:
