@@ -77,6 +77,11 @@ class ServerConfig:
         for name in ("grace_period_s", "drain_delay_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{_flag(name)} {getattr(self, name)}: must be 0 or more seconds")
+        if self.workers > max_worker_processes():
+            raise ValueError(
+                f"--workers {self.workers}: at most {max_worker_processes()} here (twice the {os.cpu_count() or 1} CPUs, "
+                "at least 4); each worker is a Python process with torch loaded (about 300 MB)"
+            )
         if self.max_concurrent_rpcs and self.max_concurrent_rpcs < self.max_workers:
             raise ValueError(
                 f"--max-concurrent-rpcs {self.max_concurrent_rpcs} is below --max-workers {self.max_workers}: "
@@ -117,6 +122,16 @@ class ServerConfig:
     def concurrent_rpcs(self) -> int:
         """Calls in progress at once: ``max_concurrent_rpcs``, or when 0, 4 per compute slot and at least 64."""
         return self.max_concurrent_rpcs or max(64, 4 * self.max_workers)
+
+
+def max_worker_processes() -> int:
+    """The most ``--workers`` a server starts: twice this machine's CPUs, at least 4.
+
+    More processes than that only compete for the CPUs, and each costs about 300 MB
+    (Python with torch loaded); without a bound a typo (``--workers 100000``) would spawn
+    processes until memory runs out.
+    """
+    return max(4, 2 * (os.cpu_count() or 1))
 
 
 def _flag(name: str) -> str:

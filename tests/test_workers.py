@@ -295,6 +295,18 @@ def test_device_lists_are_checked_against_the_workers() -> None:
         ServerConfig(workers=0)
 
 
+def test_worker_count_is_bounded_by_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twice the CPUs, at least 4: a typo such as --workers 100000 must not spawn processes until memory runs out."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert ServerConfig(workers=16).workers == 16
+    with pytest.raises(ValueError, match=r"--workers 17: at most 16 here \(twice the 8 CPUs, at least 4\)"):
+        ServerConfig(workers=17)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert ServerConfig(workers=4).workers == 4
+    with pytest.raises(ValueError, match="--workers 5: at most 4 here"):
+        ServerConfig(workers=5)
+
+
 def test_an_unknown_device_in_the_list_stops_startup_before_any_worker() -> None:
     with pytest.raises(ValueError, match="--device must be auto, cpu, cuda or cuda:N, got 'tpu:3'"):
         supervise(ServerConfig(workers=2, port=0, device="cpu,tpu:3"))
