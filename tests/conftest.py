@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -50,16 +51,30 @@ class ServerProcess:
     def __init__(self, *extra: str, port: int | None = None, wait: bool = True) -> None:
         self.port = port or free_port()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gradserve.server._cli", "serve", "--port", str(self.port), "--device", "cpu", *extra],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        self._start(
+            [sys.executable, "-m", "gradserve.server._cli", "serve", "--port", str(self.port), "--device", "cpu", *extra], env
         )
         self.target = f"127.0.0.1:{self.port}"
         if wait:
             self._wait_ready(timeout_s=60)
+
+    def _start(self, argv: list[str], env: dict[str, str]) -> None:
+        """Start the server; a thread reads its stderr as it comes. Left unread, the pipe fills after
+        64 KiB of log lines (one per call) and the server's next log write blocks every call."""
+        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+
+    def _read_log(self) -> None:
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def stderr_text(self) -> str:
+        """What the server has written to stderr so far; all of it once it has exited."""
+        if self.proc.poll() is not None:
+            self._reader.join(timeout=30)  # workers of --workers may hold the pipe a moment longer
+        return "".join(self.log)
 
     def _wait_ready(self, timeout_s: float) -> None:
         """Until health says SERVING (functions loaded and checked), or fail with the server's stderr."""
@@ -75,7 +90,7 @@ class ServerProcess:
 
             if not wait_until(serving, timeout_s=timeout_s, interval_s=0.05) or self.proc.poll() is not None:
                 self.kill()
-                raise RuntimeError(f"server did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
+                raise RuntimeError(f"server did not start: {self.stderr_text()}")
 
     def terminate(self, timeout_s: float = 30) -> int:
         self.proc.terminate()

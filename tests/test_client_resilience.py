@@ -21,6 +21,7 @@ from gradserve.client import (
     AsyncGradientClient,
     CancelledError,
     DeadlineExceededError,
+    FunctionNotFoundError,
     GradientClient,
     InternalError,
     UnavailableError,
@@ -97,9 +98,32 @@ def test_keepalive_goaway_does_not_run_a_call_twice() -> None:
         with GradientClient(server.target) as client:  # the default keepalive is within the policy
             assert client.forward("slow_square", torch.full((1,), 3.0), 0.1, timeout=30).item() == 9.0
         server.terminate()
-        log = server.proc.stderr.read()
+        log = server.stderr_text()
     runs = [line for line in log.splitlines() if "function=slow_square" in line and "method=Forward" in line]
     assert len(runs) == 2, log[-3000:]  # one per client call: the first was not sent again
+
+
+def test_a_server_process_that_logged_more_than_a_pipe_holds_still_answers() -> None:
+    """A review's "async client hangs after a sync client" was the harness: the server's stderr was a
+    pipe nobody read until exit, so once 64 KiB of call log lines filled it, a worker blocked in
+    write() inside its logging lock and every later call ended DEADLINE_EXCEEDED. ServerProcess
+    now reads the server's stderr as it comes."""
+    unknown = "\x00" * 128  # logged escaped, about 660 bytes a line: 400 calls log about 4 pipes' worth
+    with ServerProcess() as server:
+        with GradientClient(server.target, timeout=10) as client:
+            for _ in range(400):
+                with pytest.raises(FunctionNotFoundError):
+                    client.forward(unknown, torch.ones(1))
+            assert client.forward("square", torch.full((3,), 3.0)).tolist() == [9.0, 9.0, 9.0]
+
+        async def after() -> list[list[float]]:
+            async with AsyncGradientClient(server.target, timeout=10, connections=3) as aclient:
+                calls = [aclient.forward("square", torch.full((2,), float(k))) for k in range(20)]
+                return [reply.tolist() for reply in await asyncio.gather(*calls)]
+
+        assert asyncio.run(after()) == [[float(k * k)] * 2 for k in range(20)]
+        server.terminate()
+        assert server.stderr_text().count("code=NOT_FOUND") == 400
 
 
 def test_async_streamed_calls_to_a_loading_server_wait_and_succeed() -> None:

@@ -9,9 +9,7 @@ import re
 import select
 import signal
 import socket
-import subprocess
 import sys
-import threading
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +36,7 @@ class Workers(ServerProcess):
 
     def __init__(self, *extra: str, port: int = 0, env: dict[str, str] | None = None, wait: bool = True) -> None:
         self.metrics_port = free_port()
-        self.proc = subprocess.Popen(
+        self._start(
             [
                 sys.executable,
                 "-m",
@@ -54,21 +52,12 @@ class Workers(ServerProcess):
                 "4",
                 *extra,
             ],
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), **(env or {})},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), **(env or {})},
         )
-        self.log: list[str] = []
-        threading.Thread(target=self._read_log, daemon=True).start()
         if wait:
             self.port = self._announced_port(timeout_s=90)
             self.target = f"127.0.0.1:{self.port}"
             self._wait_ready(timeout_s=60)
-
-    def _read_log(self) -> None:
-        for line in self.proc.stderr:
-            self.log.append(line)
 
     def _announced_port(self, timeout_s: float) -> int:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)

@@ -167,8 +167,7 @@ class Server(ServerProcess):
             wait_serving(channel, timeout_s)
         except RuntimeError as exc:
             self.kill()
-            stderr = self.proc.stderr.read() if self.proc.stderr else ""
-            raise RuntimeError(f"server did not become ready: {exc}\n{stderr}") from None
+            raise RuntimeError(f"server did not become ready: {exc}\n{self.stderr_text()}") from None
         finally:
             channel.close()
 
