@@ -1191,7 +1191,10 @@ def write_csvs(out: Path, stats: dict[int, dict[str, Stat]], tput: list[Throughp
                         f"{m.peak / m.nbytes:.4g}" if not m.error else "", m.error])
 
 
-def plot(out: Path, stats: dict[int, dict[str, Stat]], tput: list[Throughput], machine: str) -> Path | None:
+def plot(
+    out: Path, stats: dict[int, dict[str, Stat]], tput: list[Throughput], load: list[Load], machine: str
+) -> Path | None:
+    """bench.png: latency against size, calls/s of threads sharing one client, and of the multi-process load."""
     try:
         import matplotlib
 
@@ -1199,7 +1202,7 @@ def plot(out: Path, stats: dict[int, dict[str, Stat]], tput: list[Throughput], m
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1.6, 1]})
+    fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(17, 5.2), gridspec_kw={"width_ratios": [1.6, 1, 0.8]})
     sizes = sorted(stats)
     for m in METHODS:
         pts = [(4 * n, stats[n][m]) for n in sizes if stats[n][m].times]
@@ -1227,6 +1230,12 @@ def plot(out: Path, stats: dict[int, dict[str, Stat]], tput: list[Throughput], m
     bx.set_ylabel("calls/s")
     bx.set_title("small tensor throughput")
     bx.legend()
+    measured = [x for x in load if not x.error]
+    cx.bar(range(len(measured)), [x.per_s for x in measured], color=["C0" if x.name == "echo" else "C1" for x in measured])
+    cx.set_xticks(range(len(measured)), ["echo" if x.name == "echo" else x.what.split(",")[1].strip() for x in measured])
+    cx.set_ylabel("calls/s")
+    cx.set_xlabel("server (client processes x threads)")
+    cx.set_title("multi-process load, small tensor")
     fig.suptitle(machine, fontsize=8)
     fig.tight_layout()
     path = out / "bench.png"
@@ -1459,7 +1468,7 @@ def run(args: argparse.Namespace) -> int:
 
     write_csvs(out, stats, tput, mem)
     write_goals_csv(out, goal_rows, load)
-    png = None if args.no_plot else plot(out, stats, tput, machine)
+    png = None if args.no_plot else plot(out, stats, tput, load, machine)
     report()
     report(f"wrote {out / 'latency.csv'}, throughput.csv, load.csv, memory.csv, goals.csv"
            + (f", {png.name}" if png else ("" if args.no_plot else " (no plot: matplotlib missing; pip install -e '.[bench]')")))
