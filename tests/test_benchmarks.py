@@ -1,4 +1,5 @@
-"""``benchmarks/bench.py --smoke``: it runs end to end and reports every method. Nothing is timed here."""
+"""``benchmarks/bench.py --smoke``: it runs end to end and reports every method, the unix socket,
+shared-memory and ``--workers`` paths included. Nothing is timed here."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ METHODS = {  # CSV key: the column header in the printed table
     "gs_fwd_bwd": "(c) gs F+B",
     "gs_fb": "(d) gs FB",
     "torch_rpc": "(e) torch rpc",
+    "gs_shm": "(f) gs F+B shm",  # smoke: a 1-byte threshold, and bench.py checks the client's transport
+    "gs_unix": "(g) gs FB unix",
 }
 SMOKE_SIZES = {1, 1000}
 
@@ -81,10 +84,19 @@ def test_goals_csv_has_one_row_per_goal_with_a_verdict(smoke: tuple[subprocess.C
     assert rows["ForwardBackward, 1e6 float32, vs a raw echo of the same 4 MB"]["verdict"].startswith("not measured")
     rss = rows["server peak RSS, ForwardBackward on a 1 GiB tensor, / tensor size"]
     assert rss["verdict"] == "not judged" and float(rss["ratio"]) > 0, rss
+    assert rows["the same with same-host shared memory"]["verdict"].startswith("not measured: needs n=1e7"), rows
+    workers2 = rows["calls/s, 4 client processes x 8 threads, --workers 2, vs the single-process raw echo server"]
+    assert workers2["verdict"] in ("met", "missed") and float(workers2["ratio"]) > 0, workers2
+    workers1 = rows["the same with --workers 1 (one server process)"]
+    assert workers1["verdict"] == "measured" and float(workers1["ratio"]) > 0, workers1
+    unix = rows["ForwardBackward, 1 element, unix socket vs TCP loopback (informational)"]
+    assert unix["verdict"] == "measured" and float(unix["ratio"]) > 0, unix
     for row in rows.values():  # a goal is judged, skipped for a missing feature, or says why not
         assert row["verdict"] in ("met", "missed", "measured", "not judged") or row["note"], row
     load = {r["name"]: r for r in read_csv(smoke[1] / "load.csv")}
-    assert float(load["echo"]["calls_per_s"]) > 0 and float(load["gs"]["calls_per_s"]) > 0, load
+    assert set(load) == {"echo", "gs", "gs_workers2"}, load
+    for name, row in load.items():
+        assert row["error"] == "" and float(row["calls_per_s"]) > 0, (name, row)
 
 
 def test_device_cuda_without_a_gpu_skips_with_a_message() -> None:
@@ -124,10 +136,12 @@ def test_throughput_and_memory_csvs(smoke: tuple[subprocess.CompletedProcess[str
 
 
 def test_smoke_leaves_no_server_running(smoke: tuple[subprocess.CompletedProcess[str], Path, float]) -> None:
-    """None of the three server processes the run started outlives it."""
+    """None of the server processes the run started outlives it, nor its unix socket."""
 
     pids = [int(p) for p in re.findall(r"pid (\d+)", smoke[0].stdout)]
-    assert len(pids) == 3, smoke[0].stdout  # gradserve, echo, torch rpc worker
+    assert len(pids) == 5, smoke[0].stdout  # gradserve, echo, torch rpc worker, gradserve --workers 2, gradserve unix
+    sockets = re.findall(r"at unix:(\S+)", smoke[0].stdout)
+    assert len(sockets) == 1 and not Path(sockets[0]).exists() and not Path(sockets[0]).parent.exists(), sockets
     for pid in pids:
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -135,3 +149,16 @@ def test_smoke_leaves_no_server_running(smoke: tuple[subprocess.CompletedProcess
             continue  # gone
         # The pid may have been reused by now; only the benchmark's own servers use these flags.
         assert not any(flag in cmdline for flag in ("--echo-server", "--rpc-worker", "--grace-period-s 0")), cmdline
+
+
+def test_smoke_leaves_no_helper_process_running(smoke: tuple[subprocess.CompletedProcess[str], Path, float]) -> None:
+    """The load processes and the local peak-RSS process (this checkout's bench.py) end with the run."""
+    left = []
+    for status in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmdline = status.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(BENCH) in cmdline and ("--load-client" in cmdline or "--local-rss" in cmdline):
+            left.append(cmdline)
+    assert left == []
