@@ -293,11 +293,16 @@ def test_deadline_abandons_the_work_and_keeps_no_handle(own_server: RunningServe
         # The server finishes the sleep (Python cannot interrupt it), sees the deadline passed and keeps nothing;
         # metrics and log say DEADLINE_EXCEEDED (the caller's deadline), not CANCELLED.
         assert wait_until(lambda: calls(own_server, "slow_square", "DEADLINE_EXCEEDED") == 1, timeout_s=10)
+
+        def lines() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.name == "gradserve.calls" and getattr(r, "function", "") == "slow_square"]
+
+        # The call's log line follows its metrics on the server's thread: wait for it too.
+        assert wait_until(lambda: lines(), timeout_s=10)
     assert calls(own_server, "slow_square", "CANCELLED") == 0
     assert len(own_server.runtime.handles) == 0
-    lines = [r for r in caplog.records if r.name == "gradserve.calls" and getattr(r, "function", "") == "slow_square"]
-    assert [r.code for r in lines] == ["DEADLINE_EXCEEDED"]
-    assert "function=slow_square code=DEADLINE_EXCEEDED" in lines[0].getMessage()
+    assert [r.code for r in lines()] == ["DEADLINE_EXCEEDED"]
+    assert "function=slow_square code=DEADLINE_EXCEEDED" in lines()[0].getMessage()
 
 
 def test_cancelled_call_keeps_no_handle(own_server: RunningServer) -> None:
