@@ -291,7 +291,7 @@ def _worker_main(config: ServerConfig, index: int, parent_pid: int, pipe: Connec
 
         threading.Thread(target=follow, name="gradserve-worker-health", daemon=True).start()
         pipe.send(("ready", running.servable))
-        log.info("worker %d (pid %d) ready on device %s", index, os.getpid(), config.device)
+        log.info("worker %d (pid %d) ready on device %s", index, os.getpid(), running.runtime.device)
 
     try:
         status = serve(config, on_started=started, shared_memory_key=shm_key)
