@@ -357,3 +357,24 @@ def test_every_failed_order_and_kind_is_in_the_detail() -> None:
     both = check_function(reg.add(WrongTwice, name="d", double_backward=True, sample_inputs=lambda: x64(0.5)))
     assert (both.first_order, both.second_order) == ("fail", "fail")
     assert [p.split(":")[0] for p in both.detail.split("; ")] == ["first order (float64)", "second order (float64)"]
+
+
+def test_setup_context_functions_get_their_inputs() -> None:
+    class Mul(torch.autograd.Function):
+        """x * y, saving both in setup_context from its ``inputs``."""
+
+        @staticmethod
+        def forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return x * y
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+            ctx.save_for_backward(*inputs)
+
+        @staticmethod
+        def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = ctx.saved_tensors
+            return g * y, g * x
+
+    gx, gy = backward_of(Mul, *x64(2.0, 3.0), *x64(5.0, 7.0))
+    assert gx.tolist() == [5.0, 7.0] and gy.tolist() == [2.0, 3.0]

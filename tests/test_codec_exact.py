@@ -479,3 +479,15 @@ def test_hybrid_sparse_tensors_keep_their_dense_dimensions() -> None:
     back = codec.decode_sparse(codec.encode_sparse(hybrid))
     assert back.sparse_dim() == 1 and back.dense_dim() == 1
     assert back.to_dense().tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+
+
+def test_a_shared_memory_reference_outside_a_unary_call_is_refused_exactly() -> None:
+    msg = codec.encode_tensor(torch.ones(2))
+    msg.ClearField("data")
+    msg.shared_memory.name = "gradserve-1-2-3-" + "0" * 32
+    message = (
+        "x: a shared-memory reference is accepted only in a unary call of a client whose "
+        "SharedMemoryProbe succeeded (request metadata gradserve-shared-memory-reply-bytes)"
+    )
+    with pytest.raises(codec.CodecError, match=exactly(message)):
+        codec.decode_tensor(msg, what="x")

@@ -460,3 +460,17 @@ def test_deterministic_functions_errors_and_no_replay_without_draws() -> None:
     with pytest.raises(FunctionError, match=exactly("boom_det forward raised RuntimeError: bad input")):
         rt.forward("boom_det", [x64(1.0), "bad input"])
     assert rt.forward("no_draws", [x64(1.0)]).rng is None
+
+
+def test_default_grad_outputs_of_a_complex_output_are_complex_ones(runtime: Runtime) -> None:
+    # autograd refuses a real grad_output for a complex output: the default ones take the output's dtype
+    x = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64, requires_grad=True)
+    _, (grad,) = runtime.forward_backward("square", [x])
+    assert grad.dtype == torch.complex64 and grad.tolist() == [2 - 4j, 6 + 2j]  # conj(2x)
+
+
+def test_forward_backward_keeps_no_graph(runtime: Runtime) -> None:
+    x = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    _, (grad,) = runtime.forward_backward("square", [x])
+    assert grad.tolist() == [2.0, -4.0] and not grad.requires_grad
+    assert len(runtime.handles) == 0

@@ -303,3 +303,31 @@ def test_every_domain_error_has_its_status_code_and_reason(
         f"{error} happened",
     )
     assert sorted(_errors.__all__) == sorted(["GradServeServerError", *(name for name, _, _ in ERRORS)])
+
+
+class Stopwatch:
+    """The servicer's ``time`` module with a ``perf_counter`` at 100 s at its first reading and 100.0123456789 s after."""
+
+    def __init__(self) -> None:
+        self.readings = 0
+
+    def perf_counter(self) -> float:
+        self.readings += 1
+        return 100.0 if self.readings == 1 else 100.0123456789
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def test_a_calls_duration_is_its_end_minus_its_start_logged_to_the_microsecond(
+    servicer: GradientServicer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gradserve.server._servicer.time", Stopwatch())
+    with caplog.at_level(logging.INFO, logger="gradserve.calls"):
+        servicer.Forward(forward("square", torch.tensor([2.0])), Context())
+    (record,) = [r for r in caplog.records if r.name == "gradserve.calls"]
+    duration_s = servicer.metrics.registry.get_sample_value(
+        "gradserve_request_duration_seconds_sum", {"function": "square", "method": "Forward"}
+    )
+    assert duration_s == 100.0123456789 - 100.0
+    assert record.duration_ms == 12.346

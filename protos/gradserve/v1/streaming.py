@@ -116,7 +116,7 @@ def parser(message_type: type[Message]) -> Any:
     def parse(raw: bytes) -> Any:
         if raw[:1] == bytes((_DATA_TAG,)):
             length, shift, pos = 0, 0, 1
-            while pos < len(raw) and pos <= 10:
+            while pos < len(raw) and pos <= 5:  # protobuf (upb) reads a length in at most 5 bytes
                 byte = raw[pos]
                 length |= (byte & 0x7F) << shift
                 shift += 7
